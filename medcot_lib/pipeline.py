@@ -1,0 +1,242 @@
+"""The runner: executes the stage notebooks of a recipe in order with papermill.
+
+results/<run>/ receives the executed notebooks, per-stage metrics, figures, prepared data and
+a manifest (parameters, package versions, git commit, data hashes, hardware, stage status).
+A finished run is never overwritten unless asked; an unfinished one resumes after its last
+completed stage, provided its parameters are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import DISCLAIMER, __version__
+from .data import source_file
+from .errors import MedcotError
+from .fileio import read_json, sha256_file, write_json
+from .recipe import Recipe, to_parameters
+
+STAGE_FILE = re.compile(r"^(\d\d[a-z]?)_[a-z0-9_]+\.ipynb$")
+MANIFEST = "manifest.json"
+
+
+def repo_root() -> Path:
+    """The checkout this package was installed from (editable install), else the working directory."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "notebooks").is_dir() else Path.cwd()
+
+
+def discover_stages(notebooks_dir: Path) -> list[Path]:
+    """Stage notebooks, in pipeline order: NN_name.ipynb (and NNx_name.ipynb for inserted stages)."""
+    if not notebooks_dir.is_dir():
+        raise MedcotError(f"{notebooks_dir}: notebooks directory not found (use --notebooks)")
+    return sorted(p for p in notebooks_dir.iterdir() if STAGE_FILE.match(p.name))
+
+
+def select_stages(stages: list[Path], wanted: list[str] | None) -> list[Path]:
+    if not wanted:
+        return stages
+    chosen = []
+    for w in wanted:
+        match = [s for s in stages if s.stem == w or STAGE_FILE.match(s.name).group(1) == w]
+        if not match:
+            raise MedcotError(f"--stages: no stage '{w}' (available: {', '.join(s.stem for s in stages)})")
+        chosen.extend(m for m in match if m not in chosen)
+    return sorted(chosen)
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def absolute_paths(cfg: Recipe) -> Recipe:
+    """Make local data paths absolute, so notebooks find them whatever their working directory."""
+    def fix(source):
+        update = {}
+        for key in ("path", "ground_truth"):
+            value = getattr(source, key)
+            if value and source_file(source.model_copy(update={"path": value})) and not value.startswith("bundled:"):
+                update[key] = str(Path(value).expanduser().resolve())
+        return source.model_copy(update=update)
+
+    return cfg.model_copy(update={"dataset_mixture": [fix(s) for s in cfg.dataset_mixture],
+                                  "eval_datasets": [fix(s) for s in cfg.eval_datasets]})
+
+
+# --------------------------------------------------------------------------- manifest facts
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of medcot's declared dependencies (and optional ones, where installed)."""
+    versions = {"medcot": __version__, "python": platform.python_version()}
+    for requirement in importlib.metadata.requires("medcot") or []:
+        name = re.split(r"[\s\[=<>;!~]", requirement, maxsplit=1)[0]
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_state(root: Path) -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"commit": None, "dirty": None}
+
+
+def hardware() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": gpus or "none (CPU only)",
+    }
+
+
+def data_hashes(cfg: Recipe) -> dict[str, str]:
+    hashes = {}
+    for source in cfg.dataset_mixture + cfg.eval_datasets:
+        for ref in filter(None, (source.path, source.ground_truth)):
+            path = source_file(source.model_copy(update={"path": ref}))
+            hashes[ref] = f"sha256:{sha256_file(path)}" if path else f"hub:{ref} (config {source.config}, split {source.split})"
+    return hashes
+
+
+def write_metrics(run_dir: str | Path, stage: str, metrics: dict[str, Any]) -> Path:
+    """Record a stage's metrics in results/<run>/metrics/<stage>.json."""
+    return write_json(Path(run_dir) / "metrics" / f"{stage}.json", metrics)
+
+
+# --------------------------------------------------------------------------- running
+
+
+class _QuietUnknownParameters(logging.Filter):
+    """Each notebook declares the knobs it uses; the rest of the recipe is passed along on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _open_manifest(run_dir: Path, cfg: Recipe, params: dict, overwrite: bool) -> dict[str, Any]:
+    path = run_dir / MANIFEST
+    if path.exists() and not overwrite:
+        old = read_json(path)
+        if old.get("status") == "finished":
+            raise MedcotError(f"{run_dir} holds a finished run; pass --overwrite to replace it, or use another --run-dir")
+        if old.get("params_hash") != params_hash(params):
+            raise MedcotError(f"{run_dir} holds an unfinished run with different parameters; pass --overwrite to start again, or use another --run-dir")
+        return old
+    if path.exists():
+        _clear_run(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise MedcotError(f"{run_dir} exists, is not empty and has no {MANIFEST}; refusing to write into it")
+    return {
+        "run_name": cfg.run_name,
+        "status": "running",
+        "created": _now(),
+        "params_hash": params_hash(params),
+        "parameters": params,
+        "command": " ".join(sys.argv),
+        "versions": package_versions(),
+        "git": git_state(repo_root()),
+        "data": data_hashes(cfg),
+        "hardware": hardware(),
+        "disclaimer": DISCLAIMER,
+        "stages": {},
+    }
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove a previous run's outputs (only ever called on a directory holding a medcot manifest)."""
+    import shutil
+
+    for child in run_dir.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def run(
+    cfg: Recipe,
+    *,
+    run_dir: Path | None = None,
+    stages: list[str] | None = None,
+    notebooks_dir: Path | None = None,
+    overwrite: bool = False,
+    echo=print,
+) -> Path:
+    """Execute the selected stage notebooks in order; return the run directory."""
+    import papermill
+
+    cfg = absolute_paths(cfg)
+    notebooks_dir = notebooks_dir or repo_root() / "notebooks"
+    selected = select_stages(discover_stages(notebooks_dir), stages)
+    run_dir = (run_dir or repo_root() / "results" / cfg.run_name).resolve()
+    params = to_parameters(cfg)
+    manifest = _open_manifest(run_dir, cfg, params, overwrite)
+    manifest["status"] = "running"
+    write_json(run_dir / MANIFEST, manifest)
+    logging.getLogger("papermill").addFilter(_QuietUnknownParameters())
+
+    started = time.monotonic()
+    for number, notebook in enumerate(selected, start=1):
+        name = notebook.stem
+        if manifest["stages"].get(name, {}).get("status") == "done":
+            echo(f"[{number}/{len(selected)}] {name}: already done, skipped (resuming)")
+            continue
+        echo(f"[{number}/{len(selected)}] {name} ...")
+        manifest["stages"][name] = {"status": "running", "started": _now()}
+        write_json(run_dir / MANIFEST, manifest)
+        t0 = time.monotonic()
+        partial = run_dir / f".{name}.partial.ipynb"
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(partial), parameters={**params, "run_dir": str(run_dir)},
+                kernel_name="python3", cwd=str(notebooks_dir), progress_bar=False,
+            )
+            os.replace(partial, run_dir / notebook.name)
+        except papermill.PapermillExecutionError as exc:
+            # Keep the executed notebook (papermill saved it cell by cell): it holds the traceback.
+            failed = run_dir / f"{name}.failed.ipynb"
+            os.replace(partial, failed)
+            manifest["stages"][name].update(status="failed", error=f"{exc.ename}: {exc.evalue}", notebook=failed.name)
+            manifest["status"] = "failed"
+            write_json(run_dir / MANIFEST, manifest)
+            raise MedcotError(f"stage {name} failed: {exc.ename}: {exc.evalue}\n  executed notebook with the traceback: {failed}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+        seconds = round(time.monotonic() - t0, 1)
+        manifest["stages"][name].update(status="done", finished=_now(), seconds=seconds)
+        write_json(run_dir / MANIFEST, manifest)
+        echo(f"[{number}/{len(selected)}] {name}: done in {seconds:.1f} s (elapsed {time.monotonic() - started:.1f} s)")
+
+    all_done = all(manifest["stages"].get(s.stem, {}).get("status") == "done" for s in discover_stages(notebooks_dir))
+    manifest["status"] = "finished" if all_done else "partial"
+    manifest["finished"] = _now()
+    write_json(run_dir / MANIFEST, manifest)
+    return run_dir
+

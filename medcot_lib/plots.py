@@ -1,0 +1,31 @@
+"""Figures shared by the stage notebooks. Each function saves a PNG and returns the figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from .fileio import atomic_path
+
+
+def save(fig, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return Path(path)
+
+
+def token_length_histogram(lengths: list[int], stats: dict, path: str | Path, title: str = "Formatted training sequences"):
+    """Histogram of sequence lengths with median, p95, max and the configured max_length marked."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(lengths, bins=min(40, max(5, len(lengths) // 4)), color="#4c72b0", alpha=0.85)
+    marks = [("median", stats["median"], "black", "-"), ("p95", stats["p95"], "#dd8452", "--"),
+             ("max", stats["max"], "#c44e52", ":"), ("max_length", stats["max_length"], "#55a868", "-.")]
+    for label, value, color, style in marks:
+        ax.axvline(value, color=color, linestyle=style, label=f"{label} = {value:.0f}")
+    ax.set_xlabel("tokens (prompt + target)")
+    ax.set_ylabel("items")
+    ax.set_title(f"{title} (n = {stats['n']})")
+    ax.legend(fontsize=8)
+    save(fig, path)
+    return fig

@@ -1,0 +1,191 @@
+"""Recipes: one YAML file per experiment, validated here with messages that name the key.
+
+A recipe's keys are also the notebooks' papermill parameters, so
+`papermill NB.ipynb OUT.ipynb -f params/cpu-demo.yaml -p seed 7` works, and so does
+`medcot run params/cpu-demo.yaml -p seed 7`. Field names follow TRL/PEFT where they exist.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import MedcotError
+from .models import DEFAULT_MODEL
+
+BUNDLED_PREFIX = "bundled:"
+# Bundled sample files, named by the schema they imitate. All are original, educational text.
+BUNDLED_FILES = {
+    "medical-o1": "medical_o1_sample.json",
+    "medqa": "medqa_sample.jsonl",
+    "pubmedqa": "pubmedqa_ori_pqal_sample.json",
+    "pubmedqa-ground-truth": "pubmedqa_test_ground_truth_sample.json",
+    "medmcqa": "medmcqa_raw_sample.json",
+    "medmcqa-converted": "medmcqa_converted_sample.jsonl",
+    "reasonmed": "reasonmed_sample.json",
+    "messages": "chat_messages_sample.jsonl",
+    "sharegpt": "sharegpt_sample.json",
+}
+FORMATS = ("auto", "medical_o1", "mcq", "pubmedqa", "medmcqa", "reasonmed", "messages", "sharegpt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def bundled_path(name: str) -> Path:
+    """Path of a bundled sample file, from its `bundled:NAME` reference."""
+    key = name.removeprefix(BUNDLED_PREFIX)
+    if key not in BUNDLED_FILES:
+        raise MedcotError(f"unknown bundled dataset '{name}' (expected one of: {', '.join(BUNDLED_PREFIX + k for k in BUNDLED_FILES)})")
+    return Path(str(resources.files("medcot_lib") / "sample_data" / BUNDLED_FILES[key]))
+
+
+def is_local_file(path: str) -> bool:
+    return path.endswith((".json", ".jsonl")) or path.startswith((".", "/", "~"))
+
+
+def _check_data_reference(path: str) -> str:
+    if path.startswith(BUNDLED_PREFIX):
+        bundled_path(path)
+    elif is_local_file(path):
+        if not Path(path).expanduser().is_file():
+            raise ValueError(f"file not found: {path}")
+    elif not HUB_ID.match(path):
+        raise ValueError(f"'{path}' is neither bundled:NAME, a .json/.jsonl file, nor a hub id like org/name")
+    return path
+
+
+class DatasetSource(BaseModel):
+    """One data source: a bundled sample, a local .json/.jsonl file, or a hub dataset id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str  # bundled:NAME, a local .json/.jsonl file, or a hub id
+    name: str | None = None  # label used in reports; defaults to the file or dataset name
+    format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]
+    config: str | None = None  # hub config, e.g. en, zh, en_mix, zh_mix for medical-o1
+    split: str = "train"  # hub split
+    ground_truth: str | None = None  # PubMedQA {pmid: decision} file selecting the official test split
+    weight: float = Field(1.0, gt=0, le=1)  # fraction of this source to keep (after filtering)
+    max_samples: int | None = Field(None, gt=0)  # cap on items kept from this source
+
+    _path_ok = field_validator("path")(_check_data_reference)
+
+    @field_validator("ground_truth")
+    @classmethod
+    def _ground_truth_ok(cls, value: str | None) -> str | None:
+        return None if value is None else _check_data_reference(value)
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.path.startswith(BUNDLED_PREFIX):
+            return self.path.removeprefix(BUNDLED_PREFIX)
+        if is_local_file(self.path):
+            return Path(self.path).stem
+        return self.path.split("/")[-1] + (f"-{self.config}" if self.config else "")
+
+
+class Recipe(BaseModel):
+    """Every knob of a run. Unknown keys are errors, so a typo cannot be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    run_name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    # model
+    model_name_or_path: str = DEFAULT_MODEL
+    trust_remote_code: bool = False
+    # data
+    dataset_mixture: list[DatasetSource] = Field(min_length=1)
+    eval_datasets: list[DatasetSource] = []
+    min_cot_chars: int = Field(0, ge=0)  # drop training items whose reasoning is shorter
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1)  # word-shingle Jaccard at or above which items are duplicates
+    decontamination_chars: int = Field(64, ge=0)  # drop training items sharing this long a substring with eval data; 0: off
+    val_size: float = Field(0.05, ge=0)  # below 1: a ratio; 1 or more: a count
+    test_size: float = Field(0.05, ge=0)
+    seed: int = 42
+    # prompt
+    prompt_style: Literal["think", "instruction", "native"] = "think"
+    system_prompt: str | None = None  # None: the style's default (think) or none (native, instruction)
+    max_length: int = Field(1024, gt=0)  # tokens per training sequence (TRL's name for max_seq_length)
+
+    @field_validator("val_size", "test_size")
+    @classmethod
+    def _size_ok(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("a size of 1 or more is a count and must be a whole number")
+        return value
+
+    @model_validator(mode="after")
+    def _splits_fit(self) -> Recipe:
+        ratios = [v for v in (self.val_size, self.test_size) if v < 1]
+        if sum(ratios) >= 1:
+            raise ValueError(f"val_size + test_size ratios must leave training data (got {sum(ratios)})")
+        return self
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid recipe"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(Recipe.model_fields)) if len(err["loc"]) == 1 else ", ".join(DatasetSource.model_fields)
+            lines.append(f"  {key}: unknown key (known keys: {known})")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = err.get("input")
+            lines.append(f"  {key}: {err['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def validate(values: dict[str, Any], origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(values)
+    except ValidationError as exc:
+        raise MedcotError(_format_validation_error(exc, origin)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MedcotError(f"{path}: recipe file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark else ""
+        raise MedcotError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(values, dict):
+        raise MedcotError(f"{path}: a recipe must be a mapping of keys to values")
+    return values
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a `key=value` or (key, value) override as papermill's -y would, with YAML typing."""
+    if "=" not in text:
+        raise MedcotError(f"override '{text}': expected key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    values = read_yaml(path)
+    values.update(overrides or {})
+    return validate(values, origin=str(path))
+
+
+def from_namespace(namespace: dict[str, Any]) -> Recipe:
+    """Build the recipe from a notebook's parameters (its globals after papermill injection)."""
+    values = {k: namespace[k] for k in Recipe.model_fields if k in namespace}
+    return validate(values, origin="notebook parameters")
+
+
+def to_parameters(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain papermill parameters (lists and dicts of literals)."""
+    return recipe.model_dump(mode="json", exclude_none=False)
