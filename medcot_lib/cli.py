@@ -49,9 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "validate":
             from . import recipe
 
+            failures = 0
             for path in args.recipes:
-                recipe.load(path)
-                print(f"{path}: ok")
+                try:
+                    recipe.load(path)
+                    print(f"{path}: ok")
+                except MedcotError as exc:
+                    print(f"medcot: error: {exc}", file=sys.stderr)
+                    failures += 1
+            return 2 if failures else 0
         elif args.command == "stages":
             from . import pipeline
 

@@ -49,7 +49,8 @@ def is_local_file(path: str) -> bool:
 
 def _check_data_reference(path: str) -> str:
     if path.startswith(BUNDLED_PREFIX):
-        bundled_path(path)
+        if not bundled_path(path).is_file():
+            raise ValueError(f"bundled file for {path} is missing from the installed package (reinstall medcot)")
     elif is_local_file(path):
         if not Path(path).expanduser().is_file():
             raise ValueError(f"file not found: {path}")
@@ -157,20 +158,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f", line {mark.line + 1}" if mark else ""
-        raise MedcotError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise MedcotError(f"{path}{_yaml_where(exc)}: not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(values, dict):
         raise MedcotError(f"{path}: a recipe must be a mapping of keys to values")
     return values
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse a `key=value` or (key, value) override as papermill's -y would, with YAML typing."""
-    if "=" not in text:
-        raise MedcotError(f"override '{text}': expected key=value")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """The line where the broken construct starts (its context), else where parsing stopped."""
+    mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+    return f", line {mark.line + 1}" if mark else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    mark = getattr(exc, "problem_mark", None)
+    text = ": ".join(p for p in parts if p) or str(exc)
+    return text + (f" at line {mark.line + 1}" if mark and getattr(exc, "context_mark", None) else "")
 
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

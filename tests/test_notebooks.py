@@ -1,0 +1,90 @@
+"""Notebook hygiene: clean, parseable, one typed parameters cell, a guarded install cell, defaults = cpu-demo."""
+
+import ast
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medcot_lib import recipe
+
+NOTEBOOKS = sorted(Path("notebooks").glob("*.ipynb"))
+IDS = [p.name for p in NOTEBOOKS]
+
+
+def cells(path):
+    return json.loads(path.read_text())["cells"]
+
+
+def code(cell):
+    return "".join(cell["source"])
+
+
+def parameters_cell(path):
+    return [c for c in cells(path) if "parameters" in c.get("metadata", {}).get("tags", [])]
+
+
+def test_there_are_stage_notebooks():
+    assert "00_dataset_inspection.ipynb" in IDS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_committed_clean(path):
+    for cell in cells(path):
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path}: commit notebooks without outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_every_code_cell_parses(path):
+    for cell in cells(path):
+        if cell["cell_type"] == "code":
+            ast.parse(code(cell))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_exactly_one_parameters_cell_of_typed_commented_literals(path):
+    (cell,) = parameters_cell(path)
+    tree = ast.parse(code(cell))
+    for node in tree.body:
+        assert isinstance(node, ast.AnnAssign), f"{path}: parameters cell holds only `name: type = literal  # comment`"
+        ast.literal_eval(node.value)
+    lines = [line for line in code(cell).splitlines() if line.strip()]
+    assert all("  # " in line for line in lines), f"{path}: every parameter has a comment"
+    assert cells(path).index(cell) <= 3, "the parameters cell comes first, after the introduction and install cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_install_cell_is_guarded_and_mirrors_the_project_url(path):
+    install = code(cells(path)[1])
+    url = tomllib.loads(Path("pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    assert f"medcot @ git+{url}" in install
+    assert 'if HOSTED and importlib.util.find_spec("medcot_lib") is None:' in install
+    assert "install-embedded" in install
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_parameter_defaults_are_the_cpu_demo_recipe(path):
+    demo = recipe.to_parameters(recipe.load("params/cpu-demo.yaml"))
+    defaults = {node.target.id: ast.literal_eval(node.value) for node in ast.parse(code(parameters_cell(path)[0])).body}
+    for key, value in defaults.items():
+        if key in demo:
+            normalised = recipe.to_parameters(recipe.validate({**demo, key: value}))[key]
+            assert normalised == demo[key], f"{path}: default of {key} differs from params/cpu-demo.yaml"
+        else:
+            assert key == "run_dir", f"{path}: parameter {key} is not a recipe key"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_no_sys_path_editing_or_secrets_in_parameters(path):
+    for cell in cells(path):
+        assert "sys.path" not in code(cell)
+    names = [node.target.id.lower() for node in ast.parse(code(parameters_cell(path)[0])).body]
+    assert not [n for n in names if any(secret in n for secret in ("token", "api_key", "secret", "password"))]
+
+
+def test_recipe_keys_are_yaml_literals_papermill_can_inject():
+    demo = yaml.safe_load(Path("params/cpu-demo.yaml").read_text())
+    assert set(demo) <= set(recipe.Recipe.model_fields)

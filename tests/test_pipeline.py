@@ -1,0 +1,119 @@
+"""The runner, end to end: notebook 00 executed by papermill on the embedded model and the bundled data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def medcot(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "medcot_lib", *map(str, args)], capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"medcot {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "7")
+    return run_dir, result
+
+
+def test_stage_00_writes_data_metrics_figure_and_manifest(finished_run):
+    run_dir, result = finished_run
+    assert "[1/1] 00_dataset_inspection: done in" in result.stdout
+    for name in ["00_dataset_inspection.ipynb", "data/train.jsonl", "data/val.jsonl", "data/test.jsonl",
+                 "data/eval/medqa.jsonl", "data/eval/pubmedqa.jsonl", "data/report.json",
+                 "figures/00_token_lengths.png", "metrics/00_dataset_inspection.json"]:
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob(".*partial*")) and not list(run_dir.glob("*.failed.ipynb"))
+    metrics = json.loads((run_dir / "metrics/00_dataset_inspection.json").read_text())
+    assert sum(metrics["splits"].values()) >= 140 and metrics["eval_sets"]["pubmedqa"] == 22
+    assert metrics["token_lengths"]["recommended_max_length"] % 64 == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["parameters"]["seed"] == 7
+    assert manifest["versions"]["transformers"] and manifest["hardware"]["cpu_count"]
+    assert all(v.startswith("sha256:") for v in manifest["data"].values())
+    assert manifest["stages"]["00_dataset_inspection"]["status"] == "done"
+
+
+def test_executed_notebook_carries_outputs_and_the_injected_recipe(finished_run):
+    run_dir, _ = finished_run
+    nb = json.loads((run_dir / "00_dataset_inspection.ipynb").read_text())
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert injected and "seed = 7" in "".join(injected[0]["source"])
+    assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_a_finished_run_is_not_overwritten(finished_run):
+    run_dir, _ = finished_run
+    before = (run_dir / "manifest.json").read_text()
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "7", check=False)
+    assert result.returncode == 2 and "holds a finished run; pass --overwrite" in result.stderr
+    assert (run_dir / "manifest.json").read_text() == before
+
+
+def test_an_interrupted_run_resumes_and_changed_parameters_are_refused(finished_run):
+    run_dir, _ = finished_run
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["status"] = "running"  # as if killed after stage 00 finished
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "7")
+    assert "already done, skipped (resuming)" in result.stdout
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "finished"
+    manifest["status"] = "running"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "8", check=False)
+    assert result.returncode == 2 and "unfinished run with different parameters" in result.stderr
+
+
+def test_bad_recipe_fails_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "bad"
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "lora_rr", "8", check=False)
+    assert result.returncode == 2 and "lora_rr: unknown key" in result.stderr
+    assert not run_dir.exists()
+
+
+def test_failing_stage_keeps_its_traceback_and_nothing_half_written(tmp_path):
+    run_dir = tmp_path / "fail"
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "min_cot_chars", "100000", check=False)
+    assert result.returncode == 2
+    assert "stage 00_dataset_inspection failed: MedcotError: no training items are left" in result.stderr
+    assert (run_dir / "00_dataset_inspection.failed.ipynb").is_file()
+    assert not (run_dir / "data").exists() and not list(run_dir.glob(".*partial*"))
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_unknown_stage_is_named(tmp_path):
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", tmp_path / "x", "--stages", "09", check=False)
+    assert result.returncode == 2 and "no stage '09' (available: 00_dataset_inspection" in result.stderr
+
+
+def test_papermill_runs_the_notebook_directly_with_the_recipe_file(tmp_path):
+    out = tmp_path / "nb.ipynb"
+    subprocess.run([sys.executable, "-m", "papermill", "notebooks/00_dataset_inspection.ipynb", str(out),
+                    "-f", "params/cpu-demo.yaml", "-p", "run_dir", str(tmp_path / "direct"), "-p", "val_size", "5",
+                    "--cwd", "notebooks", "--no-progress-bar"], check=True, capture_output=True)
+    metrics = json.loads((tmp_path / "direct/metrics/00_dataset_inspection.json").read_text())
+    assert metrics["splits"]["val"] == 5
+
+
+def test_validate_command_reports_each_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_name: x\n")
+    result = medcot("validate", "params/cpu-demo.yaml", bad, check=False)
+    assert result.returncode == 2
+    assert "params/cpu-demo.yaml: ok" in result.stdout and "dataset_mixture: required key is missing" in result.stderr
+
+
+def test_help_notebook_documents_every_knob():
+    result = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", "notebooks/00_dataset_inspection.ipynb"],
+                            capture_output=True, text=True, check=True)
+    for knob in ("dataset_mixture", "decontamination_chars", "prompt_style", "max_length"):
+        assert knob in result.stdout
+    assert Path("notebooks/00_dataset_inspection.ipynb").is_file()
