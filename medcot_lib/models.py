@@ -168,3 +168,57 @@ def load_tokenizer(reference: str, *, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# --------------------------------------------------------------------------- loading weights
+
+
+def resolve_dtype(name: str):
+    """'auto' is bf16 where the hardware supports it, else fp32 (CPU); explicit names are taken as given."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def quantization_config(cfg):
+    """4-bit NF4 (or FP4) with optional double quantization; compute dtype from the recipe."""
+    from transformers import BitsAndBytesConfig
+
+    compute = cfg.bnb_4bit_compute_dtype if cfg.bnb_4bit_compute_dtype != "auto" else cfg.dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(compute),
+    )
+
+
+def check_attention(name: str) -> str:
+    """sdpa and eager work everywhere; flash_attention_2 needs the flash-attn package and a CUDA GPU."""
+    import importlib.util
+
+    import torch
+
+    if name == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available()):
+        raise MedcotError("attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; use sdpa")
+    return name
+
+
+def load_model(cfg, *, four_bit: bool | None = None):
+    """Load the recipe's model for training or inference (4-bit when the recipe or caller asks)."""
+    from transformers import AutoModelForCausalLM
+
+    four_bit = cfg.load_in_4bit if four_bit is None else four_bit
+    location = resolve(cfg.model_name_or_path)
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype), attn_implementation=check_attention(cfg.attn_implementation),
+                  trust_remote_code=cfg.trust_remote_code, token=hub_token())
+    if four_bit:
+        kwargs["quantization_config"] = quantization_config(cfg)
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as exc:
+        if Path(location).exists():
+            raise MedcotError(f"model_name_or_path '{cfg.model_name_or_path}': cannot load weights: {exc}") from exc
+        raise MedcotError(offline_hint(cfg.model_name_or_path)) from exc

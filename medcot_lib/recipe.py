@@ -113,6 +113,45 @@ class Recipe(BaseModel):
     prompt_style: Literal["think", "instruction", "native"] = "think"
     system_prompt: str | None = None  # None: the style's default (think) or none (native, instruction)
     max_length: int = Field(1024, gt=0)  # tokens per training sequence (TRL's name for max_seq_length)
+    # model loading (TRL ModelConfig names)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 where supported, fp32 on CPU
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    load_in_4bit: bool = False  # QLoRA: bitsandbytes 4-bit base weights
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: same as dtype
+    # adapter (PEFT LoraConfig, with TRL's lora_ prefix)
+    lora_r: int = Field(16, gt=0)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_bias: Literal["none", "all", "lora_only"] = "none"
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"  # may include lm_head
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # weight-decomposed LoRA; combines with load_in_4bit
+    # training (TRL SFTConfig / TrainingArguments names)
+    completion_only_loss: bool = True  # loss on reasoning + answer only, never on the prompt
+    packing: bool = True  # padding-free: a batch is one row, samples isolated by a block-diagonal mask
+    learning_rate: float = Field(2e-4, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1  # -1: train for num_train_epochs
+    per_device_train_batch_size: int = Field(8, gt=0)
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_steps: float = Field(0.05, ge=0)  # below 1: a ratio of total steps; from 1: a step count
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: Literal["adamw_torch", "adafactor", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    tf32: bool = False
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int = Field(10, gt=0)
+    save_steps: int = Field(10, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    load_best_model_at_end: bool = True  # by eval_loss
+    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]  # wandb reads WANDB_API_KEY from the environment
 
     @field_validator("val_size", "test_size")
     @classmethod

@@ -1,0 +1,187 @@
+"""Training (stage 03): LoRA, QLoRA and DoRA adapters with TRL's SFTTrainer.
+
+Sequences are built by `prompts.encode`, so the training text is exactly the inference prompt
+followed by the target. The loss covers the target only (reasoning, answer, end of turn) unless
+`completion_only_loss` is off.
+
+Packing is padding-free: a batch is one row holding its samples back to back, with positions
+restarting at each sample and a block-diagonal causal mask. Positions alone do not isolate samples
+with sdpa or eager attention (a later sample attends to earlier ones), so the mask is required.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import prompts
+from .data import Record
+
+IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
+
+
+@dataclass
+class Tokenized:
+    rows: list[dict[str, list[int]]]
+    truncated: int  # sequences cut at max_length (their end of turn is lost: reported, not hidden)
+
+
+def tokenize(records: list[Record], tokenizer, style: prompts.PromptStyle, max_length: int, completion_only: bool) -> Tokenized:
+    """input_ids and labels for each record; labels are IGNORE_INDEX on the prompt when completion_only."""
+    rows, truncated = [], 0
+    for record in records:
+        encoded = prompts.encode(prompts.render(record, tokenizer, style), tokenizer)
+        ids, mask = encoded["input_ids"], encoded["completion_mask"]
+        if len(ids) > max_length:
+            truncated += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        labels = [t if (m or not completion_only) else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+        rows.append({"input_ids": ids, "labels": labels})
+    return Tokenized(rows, truncated)
+
+
+def block_causal_mask(lengths: list[int]) -> torch.Tensor:
+    """A (1, 1, N, N) boolean mask: causal within each sample, nothing across samples."""
+    total = sum(lengths)
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    return (causal & (segment[:, None] == segment[None, :]))[None, None]
+
+
+class PackingCollator:
+    """Concatenate a batch's samples into one row: no padding, and no attention across samples."""
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        input_ids = torch.tensor([t for f in features for t in f["input_ids"]])[None]
+        labels = torch.tensor([t for f in features for t in f["labels"]])[None]
+        # The first token of each sample has no predecessor in it: never predict it from the previous sample.
+        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        labels[0, starts] = IGNORE_INDEX
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "attention_mask": block_causal_mask(lengths)}
+
+
+class PaddingCollator:
+    """Right-pad each batch to its longest sample (the seeds' style)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+
+        def pad(values, fill):
+            return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+
+        return {"input_ids": pad([f["input_ids"] for f in features], self.pad_token_id),
+                "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
+                "attention_mask": pad([[1] * len(f["input_ids"]) for f in features], 0)}
+
+
+# --------------------------------------------------------------------------- adapters and the trainer
+
+
+def linear_module_names(model) -> list[str]:
+    """Names (last component) of the model's linear layers, which LoRA can target."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def peft_config(cfg, model):
+    """The LoRA/DoRA adapter config, after checking the target module names against the model."""
+    from peft import LoraConfig
+
+    from .errors import MedcotError
+
+    targets = cfg.lora_target_modules
+    if targets != "all-linear":
+        if not targets:
+            raise MedcotError("lora_target_modules is empty (expected module names such as q_proj, or all-linear)")
+        known = linear_module_names(model)
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            raise MedcotError(f"lora_target_modules: {unknown} are not linear modules of this model (its linear modules: {', '.join(known)})")
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.lora_bias,
+                      target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM")
+
+
+def add_adapter(cfg, model):
+    """Wrap the base in a fresh adapter; a 4-bit base is first prepared for k-bit training."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return get_peft_model(model, peft_config(cfg, model))
+
+
+def trainable_parameters(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "percent": round(100 * trainable / total, 4)}
+
+
+def sft_config(cfg, output_dir: str, has_eval: bool):
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=output_dir,
+        seed=cfg.seed,
+        max_length=cfg.max_length,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        tf32=cfg.tf32 or None,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=cfg.load_best_model_at_end and has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        report_to=cfg.report_to,
+        use_cpu=not on_gpu,
+        # Our datasets are already tokenized with prompts.encode, with labels; TRL must not re-template them.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+    )
+
+
+def build_trainer(cfg, model, tokenizer, splits: dict[str, list[Record]], output_dir: str):
+    """An SFTTrainer over the prepared splits, with the recipe's adapter, loss mask and collator."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    style = prompts.PromptStyle.from_recipe(cfg)
+    train_rows = tokenize(splits["train"], tokenizer, style, cfg.max_length, cfg.completion_only_loss)
+    eval_rows = tokenize(splits.get("val", []), tokenizer, style, cfg.max_length, cfg.completion_only_loss)
+    collator = PackingCollator() if cfg.packing else PaddingCollator(tokenizer.pad_token_id)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(cfg, output_dir, has_eval=bool(eval_rows.rows)),
+        data_collator=collator,
+        train_dataset=Dataset.from_list(train_rows.rows),
+        eval_dataset=Dataset.from_list(eval_rows.rows) if eval_rows.rows else None,
+        processing_class=tokenizer,
+    )
+    trainer.medcot_truncated = {"train": train_rows.truncated, "val": eval_rows.truncated}
+    return trainer

@@ -1,0 +1,74 @@
+"""Packed batches give exactly the logits and losses of unpacked ones; the loss mask covers the target only."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from medcot_lib import models, prompts, train
+from medcot_lib.data import load_source
+from medcot_lib.recipe import DatasetSource
+
+
+class Cfg:
+    prompt_style, system_prompt = "think", None
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoModelForCausalLM.from_pretrained(models.resolve(models.DEFAULT_MODEL), attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def rows(tokenizer):
+    records, _ = load_source(DatasetSource(path="bundled:medical-o1"))
+    style = prompts.PromptStyle.from_recipe(Cfg())
+    return train.tokenize(records[:3], tokenizer, style, max_length=260, completion_only=True).rows
+
+
+def test_labels_cover_exactly_the_target(tokenizer):
+    records, _ = load_source(DatasetSource(path="bundled:medqa"))
+    style = prompts.PromptStyle.from_recipe(Cfg())
+    rendered = prompts.render(records[0], tokenizer, style)
+    (row,) = train.tokenize(records[:1], tokenizer, style, max_length=4096, completion_only=True).rows
+    kept = [t for t in row["labels"] if t != train.IGNORE_INDEX]
+    assert tokenizer.decode(kept) == rendered.target
+    assert row["labels"][: len(row["labels"]) - len(kept)] == [train.IGNORE_INDEX] * (len(row["labels"]) - len(kept))
+    (full,) = train.tokenize(records[:1], tokenizer, style, max_length=4096, completion_only=False).rows
+    assert full["labels"] == full["input_ids"]
+
+
+def test_truncation_is_counted(tokenizer):
+    records, _ = load_source(DatasetSource(path="bundled:medical-o1"))
+    result = train.tokenize(records[:4], tokenizer, prompts.PromptStyle.from_recipe(Cfg()), max_length=64, completion_only=True)
+    assert result.truncated == 4 and all(len(r["input_ids"]) == 64 for r in result.rows)
+
+
+def test_packed_logits_equal_unpacked_logits(model, rows):
+    packed = train.PackingCollator()(rows)
+    assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))  # no padding at all
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+        start = 0
+        for row in rows:
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            n = len(row["input_ids"])
+            assert (packed_logits[start : start + n] - alone).abs().max() < 1e-3
+            start += n
+
+
+def test_positions_alone_would_leak_across_samples(model, rows):
+    """Why the mask exists: without it, sdpa lets the second sample attend to the first."""
+    packed = train.PackingCollator()(rows[:2])
+    with torch.no_grad():
+        leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        alone = model(input_ids=torch.tensor([rows[1]["input_ids"]])).logits[0]
+    assert (leaky[len(rows[0]["input_ids"]):] - alone).abs().max() > 1.0
+
+
+def test_packed_loss_equals_padded_loss(model, tokenizer, rows):
+    packed = train.PackingCollator()(rows)
+    padded = train.PaddingCollator(tokenizer.pad_token_id)(rows)
+    with torch.no_grad():
+        loss_packed = model(**packed).loss
+        loss_padded = model(**padded).loss
+    assert torch.isclose(loss_packed, loss_padded, atol=1e-4)
