@@ -16,7 +16,7 @@ import random
 import re
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,7 @@ class Skip(Exception):
 # --------------------------------------------------------------------------- reading files
 
 
-def _line_at(text: str) -> callable:
+def _line_at(text: str) -> Callable[[int], int]:
     """Return pos -> 1-based line number, counting incrementally (positions only grow)."""
     state = {"pos": 0, "line": 1}
 
@@ -418,7 +418,7 @@ def load_source(source: DatasetSource) -> tuple[list[Record], LoadReport]:
     items = read_items(path) if path else _hub_rows(source)
     report = LoadReport(source=source.label, path=origin, format=source.format)
     truth = _load_ground_truth(source_file(DatasetSource(path=source.ground_truth))) if source.ground_truth else None
-    records = []
+    records, seen = [], set()
     for n, (line, key, item) in enumerate(items):
         where = _Where(origin, line, report)
         if report.format == "auto":
@@ -429,6 +429,7 @@ def load_source(source: DatasetSource) -> tuple[list[Record], LoadReport]:
         if truth is not None and key not in truth:
             report.skipped["not in the ground-truth split"] += 1
             continue
+        seen.add(key)
         try:
             if report.format == "pubmedqa":
                 record = _norm_pubmedqa(item, where, n, key)
@@ -442,9 +443,9 @@ def load_source(source: DatasetSource) -> tuple[list[Record], LoadReport]:
         records.append(record)
     if report.read == 0:
         raise input_error("contains no items", file=origin)
-    if truth is not None and len(records) + sum(v for k, v in report.skipped.items() if k != "not in the ground-truth split") < len(truth):
-        missing = len(truth) - len(records)
-        raise input_error(f"{missing} ground-truth ids are absent from the data file", file=source.ground_truth)
+    if truth is not None and set(truth) - seen:
+        missing = sorted(set(truth) - seen)
+        raise input_error(f"{len(missing)} ground-truth ids are absent from the data file (e.g. {missing[:3]})", file=source.ground_truth)
     report.kept = len(records)
     return records, report
 

@@ -26,7 +26,7 @@ from . import DISCLAIMER, __version__
 from .data import source_file
 from .errors import MedcotError
 from .fileio import read_json, sha256_file, write_json
-from .recipe import Recipe, to_parameters
+from .recipe import BUNDLED_PREFIX, Recipe, is_local_file, to_parameters
 
 STAGE_FILE = re.compile(r"^(\d\d[a-z]?)_[a-z0-9_]+\.ipynb$")
 MANIFEST = "manifest.json"
@@ -63,12 +63,10 @@ def params_hash(params: dict[str, Any]) -> str:
 
 def absolute_paths(cfg: Recipe) -> Recipe:
     """Make local data paths absolute, so notebooks find them whatever their working directory."""
+
     def fix(source):
-        update = {}
-        for key in ("path", "ground_truth"):
-            value = getattr(source, key)
-            if value and source_file(source.model_copy(update={"path": value})) and not value.startswith("bundled:"):
-                update[key] = str(Path(value).expanduser().resolve())
+        update = {key: str(Path(value).expanduser().resolve()) for key in ("path", "ground_truth")
+                  if (value := getattr(source, key)) and not value.startswith(BUNDLED_PREFIX) and is_local_file(value)}
         return source.model_copy(update=update)
 
     return cfg.model_copy(update={"dataset_mixture": [fix(s) for s in cfg.dataset_mixture],

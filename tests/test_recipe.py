@@ -77,3 +77,13 @@ def test_notebook_namespace_builds_the_same_recipe():
     cfg = recipe.load("params/cpu-demo.yaml")
     namespace = {**recipe.to_parameters(cfg), "run_dir": "x", "unrelated": 1}
     assert recipe.from_namespace(namespace) == cfg
+
+
+def test_runner_makes_local_data_paths_absolute(tmp_path, monkeypatch):
+    from medcot_lib import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.jsonl").write_text("{}\n")
+    cfg = recipe.validate({"run_name": "t", "dataset_mixture": [{"path": "mine.jsonl"}, {"path": "bundled:medqa"}]})
+    fixed = pipeline.absolute_paths(cfg)
+    assert [s.path for s in fixed.dataset_mixture] == [str(tmp_path / "mine.jsonl"), "bundled:medqa"]
