@@ -29,3 +29,19 @@ def token_length_histogram(lengths: list[int], stats: dict, path: str | Path, ti
     ax.legend(fontsize=8)
     save(fig, path)
     return fig
+
+
+def loss_curves(log_history: list[dict], path: str | Path):
+    """Training loss per logged step and evaluation loss per evaluation."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="#4c72b0")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="#dd8452")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.legend()
+    save(fig, path)
+    return fig

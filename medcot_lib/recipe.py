@@ -101,7 +101,7 @@ class Recipe(BaseModel):
     model_name_or_path: str = DEFAULT_MODEL
     trust_remote_code: bool = False
     # data
-    dataset_mixture: list[DatasetSource] = Field(min_length=1)
+    dataset_mixture: list[DatasetSource] = Field([DatasetSource(path="bundled:medical-o1")], min_length=1)
     eval_datasets: list[DatasetSource] = []
     min_cot_chars: int = Field(0, ge=0)  # drop training items whose reasoning is shorter
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1)  # word-shingle Jaccard at or above which items are duplicates

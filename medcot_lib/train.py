@@ -12,6 +12,7 @@ with sdpa or eager attention (a later sample attends to earlier ones), so the ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -185,3 +186,78 @@ def build_trainer(cfg, model, tokenizer, splits: dict[str, list[Record]], output
     )
     trainer.medcot_truncated = {"train": train_rows.truncated, "val": eval_rows.truncated}
     return trainer
+
+
+# --------------------------------------------------------------------------- running
+
+
+def latest_checkpoint(output_dir: str | Path, base_model: str) -> str | None:
+    """The newest checkpoint to resume from, after checking it is complete and belongs to this base model."""
+    import json
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .errors import MedcotError
+
+    if not Path(output_dir).is_dir():
+        return None
+    checkpoint = get_last_checkpoint(str(output_dir))
+    if checkpoint is None:
+        return None
+    needed = ["trainer_state.json", "adapter_config.json", "adapter_model.safetensors"]
+    missing = [name for name in needed if not (Path(checkpoint) / name).is_file()]
+    if missing:
+        raise MedcotError(f"{checkpoint}: incomplete checkpoint (missing {', '.join(missing)}); delete it to resume from the one before, or rerun with --overwrite")
+    saved_base = json.loads((Path(checkpoint) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if saved_base != base_model:
+        raise MedcotError(f"{checkpoint}: checkpoint of another base model ({saved_base}, this run uses {base_model}); use another run directory or --overwrite")
+    return checkpoint
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated, or on CPU the peak resident set size of this process."""
+    import resource
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # Linux reports KiB
+
+
+def run(trainer, cfg, run_dir: str | Path) -> dict:
+    """Train (resuming from the latest checkpoint), save the adapter and tokenizer, and return the metrics."""
+    import time
+
+    from .errors import MedcotError
+    from .fileio import atomic_dir
+    from .models import resolve
+
+    checkpoint = latest_checkpoint(trainer.args.output_dir, resolve(cfg.model_name_or_path))
+    started = time.monotonic()
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError as exc:
+        raise MedcotError("out of memory: lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
+                          "effective batch), turn on gradient_checkpointing, lower max_length, or set load_in_4bit") from exc
+    seconds = time.monotonic() - started
+    with atomic_dir(Path(run_dir) / "adapter") as tmp:
+        trainer.model.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+    rows = trainer.train_dataset
+    tokens_per_sample = sum(len(ids) for ids in rows["input_ids"]) / len(rows)
+    samples = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    return {
+        "resumed_from": checkpoint,
+        "global_step": trainer.state.global_step,
+        "runtime_s": round(seconds, 1),
+        "train_loss": result.training_loss,
+        "eval_loss_first": evals[0] if evals else None,
+        "eval_loss_last": evals[-1] if evals else None,
+        "best_eval_loss": trainer.state.best_metric,
+        # Tokens/s counts every real (non-pad) token the steps consumed, averaged over the training set.
+        "tokens_per_s": round(samples * tokens_per_sample / seconds, 1),
+        "peak_memory_gb": peak_memory_gb(),
+        "parameters": trainable_parameters(trainer.model),
+        "truncated_sequences": trainer.medcot_truncated,
+    }

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.integration
+# Real training, kept short: 2 optimizer steps of 2 x 2 sequences, evaluated and checkpointed once.
+FAST = ["-p", "max_steps", "2", "-p", "eval_steps", "2", "-p", "save_steps", "2"]
 
 
 def medcot(*args, check=True):
@@ -20,14 +22,15 @@ def medcot(*args, check=True):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "demo"
-    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "7")
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "7", *FAST)
     return run_dir, result
 
 
 def test_stage_00_writes_data_metrics_figure_and_manifest(finished_run):
     run_dir, result = finished_run
-    assert "[1/1] 00_dataset_inspection: done in" in result.stdout
-    for name in ["00_dataset_inspection.ipynb", "data/train.jsonl", "data/val.jsonl", "data/test.jsonl",
+    assert "[1/2] 00_dataset_inspection: done in" in result.stdout and "[2/2] 03_qlora_train: done in" in result.stdout
+    for name in ["03_qlora_train.ipynb", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "adapter/tokenizer.json", "figures/03_loss.png", "metrics/03_qlora_train.json","00_dataset_inspection.ipynb", "data/train.jsonl", "data/val.jsonl", "data/test.jsonl",
                  "data/eval/medqa.jsonl", "data/eval/pubmedqa.jsonl", "data/report.json",
                  "figures/00_token_lengths.png", "metrics/00_dataset_inspection.json"]:
         assert (run_dir / name).is_file(), name
@@ -35,11 +38,14 @@ def test_stage_00_writes_data_metrics_figure_and_manifest(finished_run):
     metrics = json.loads((run_dir / "metrics/00_dataset_inspection.json").read_text())
     assert sum(metrics["splits"].values()) >= 140 and metrics["eval_sets"]["pubmedqa"] == 22
     assert metrics["token_lengths"]["recommended_max_length"] % 64 == 0
+    trained = json.loads((run_dir / "metrics/03_qlora_train.json").read_text())
+    assert trained["global_step"] == 2 and trained["eval_loss_last"] > 0 and trained["tokens_per_s"] > 0
+    assert 0 < trained["parameters"]["percent"] < 10
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["parameters"]["seed"] == 7
     assert manifest["versions"]["transformers"] and manifest["hardware"]["cpu_count"]
     assert all(v.startswith("sha256:") for v in manifest["data"].values())
-    assert manifest["stages"]["00_dataset_inspection"]["status"] == "done"
+    assert manifest["stages"]["00_dataset_inspection"]["status"] == manifest["stages"]["03_qlora_train"]["status"] == "done"
 
 
 def test_executed_notebook_carries_outputs_and_the_injected_recipe(finished_run):
@@ -53,7 +59,7 @@ def test_executed_notebook_carries_outputs_and_the_injected_recipe(finished_run)
 def test_a_finished_run_is_not_overwritten(finished_run):
     run_dir, _ = finished_run
     before = (run_dir / "manifest.json").read_text()
-    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "7", check=False)
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "7", *FAST, check=False)
     assert result.returncode == 2 and "holds a finished run; pass --overwrite" in result.stderr
     assert (run_dir / "manifest.json").read_text() == before
 
@@ -63,12 +69,12 @@ def test_an_interrupted_run_resumes_and_changed_parameters_are_refused(finished_
     manifest = json.loads((run_dir / "manifest.json").read_text())
     manifest["status"] = "running"  # as if killed after stage 00 finished
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
-    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "7")
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "7", *FAST)
     assert "already done, skipped (resuming)" in result.stdout
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "finished"
     manifest["status"] = "running"
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
-    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "8", check=False)
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "seed", "8", *FAST, check=False)
     assert result.returncode == 2 and "unfinished run with different parameters" in result.stderr
 
 
@@ -105,10 +111,10 @@ def test_papermill_runs_the_notebook_directly_with_the_recipe_file(tmp_path):
 
 def test_validate_command_reports_each_file(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("run_name: x\n")
+    bad.write_text("seed: 1\n")
     result = medcot("validate", "params/cpu-demo.yaml", bad, check=False)
     assert result.returncode == 2
-    assert "params/cpu-demo.yaml: ok" in result.stdout and "dataset_mixture: required key is missing" in result.stderr
+    assert "params/cpu-demo.yaml: ok" in result.stdout and "run_name: required key is missing" in result.stderr
 
 
 def test_help_notebook_documents_every_knob():

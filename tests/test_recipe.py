@@ -51,8 +51,10 @@ def test_bad_values_are_named(tmp_path, line, message):
 
 
 def test_missing_required_key_and_missing_files(tmp_path):
-    with pytest.raises(MedcotError, match="dataset_mixture: required key is missing"):
-        recipe.load(write_recipe(tmp_path, "run_name: t\n"))
+    with pytest.raises(MedcotError, match="run_name: required key is missing"):
+        recipe.load(write_recipe(tmp_path, "seed: 1\n"))
+    with pytest.raises(MedcotError, match="dataset_mixture: List should have at least 1 item"):
+        recipe.load(write_recipe(tmp_path, "run_name: t\ndataset_mixture: []\n"))
     with pytest.raises(MedcotError, match=r"dataset_mixture\.0\.path: Value error, file not found: /nope/x.jsonl"):
         recipe.load(write_recipe(tmp_path, "run_name: t\ndataset_mixture:\n  - path: /nope/x.jsonl\n"))
     with pytest.raises(MedcotError, match="unknown bundled dataset 'bundled:nope'"):
