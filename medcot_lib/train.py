@@ -214,6 +214,12 @@ def latest_checkpoint(output_dir: str | Path, base_model: str) -> str | None:
     return checkpoint
 
 
+def _checkpoint_step(checkpoint: str | None) -> int:
+    import json
+
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+
+
 def peak_memory_gb() -> float:
     """Peak GPU memory allocated, or on CPU the peak resident set size of this process."""
     import resource
@@ -245,11 +251,13 @@ def run(trainer, cfg, run_dir: str | Path) -> dict:
         trainer.state.save_to_json(str(tmp / "trainer_state.json"))
     rows = trainer.train_dataset
     tokens_per_sample = sum(len(ids) for ids in rows["input_ids"]) / len(rows)
-    samples = trainer.state.global_step * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    start_step = _checkpoint_step(checkpoint)
+    samples = (trainer.state.global_step - start_step) * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     return {
         "resumed_from": checkpoint,
         "global_step": trainer.state.global_step,
+        "steps_this_run": trainer.state.global_step - start_step,
         "runtime_s": round(seconds, 1),
         "train_loss": result.training_loss,
         "eval_loss_first": evals[0] if evals else None,

@@ -45,3 +45,20 @@ def test_a_few_steps_lower_held_out_loss(tmp_path):
     after = trainer.evaluate()["eval_loss"]
     assert after < before - 0.05, (before, after)
     assert trainer.state.global_step == 12
+
+
+def test_resume_refuses_incomplete_or_foreign_checkpoints(tmp_path):
+    import json
+
+    assert train.latest_checkpoint(tmp_path / "none", "base") is None
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 5}))
+    with pytest.raises(MedcotError, match=r"checkpoint-5: incomplete checkpoint \(missing adapter_config.json, adapter_model.safetensors\)"):
+        train.latest_checkpoint(tmp_path, "base")
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"")
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "other/model"}))
+    with pytest.raises(MedcotError, match="checkpoint of another base model"):
+        train.latest_checkpoint(tmp_path, "base")
+    assert train.latest_checkpoint(tmp_path, "other/model") == str(checkpoint)
+    assert train._checkpoint_step(str(checkpoint)) == 5
