@@ -25,7 +25,7 @@ import numpy as np
 
 from .answers import extract_choice, split_think
 from .errors import MedcotError, input_error
-from .fileio import read_json, write_json, write_jsonl
+from .fileio import write_json, write_jsonl
 from .recipe import BUNDLED_PREFIX, DatasetSource, Recipe, bundled_path, is_local_file
 
 YES_NO_MAYBE = ("yes", "no", "maybe")
@@ -91,8 +91,9 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _json_error(path: Path, exc: json.JSONDecodeError) -> MedcotError:
-    return input_error(f"not valid JSON: {exc.msg} at column {exc.colno}", file=path, line=exc.lineno)
+def _json_error(path: Path, exc: json.JSONDecodeError, line: int | None = None) -> MedcotError:
+    """Name the file and line; JSON Lines pass the file's line, since each line is parsed alone."""
+    return input_error(f"not valid JSON: {exc.msg} at column {exc.colno}", file=path, line=line or exc.lineno)
 
 
 def _iter_container(text: str, path: Path) -> Iterator[tuple[int, str | None, Any]]:
@@ -135,13 +136,19 @@ def _iter_jsonl(text: str, path: Path) -> Iterator[tuple[int, str | None, Any]]:
         try:
             yield number, None, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise input_error(f"not valid JSON: {exc.msg} at column {exc.colno}", file=path, line=number) from None
+            raise _json_error(path, exc, line=number) from None
 
 
 def _is_jsonl(text: str, start: int) -> bool:
-    """A '{' file is JSONL when its first object ends before the end of the file."""
+    """A '{' file is JSONL when its first line is a whole JSON value and more follows it.
+
+    Only the first line is parsed, so a large object keyed by id is not read twice.
+    """
+    end = text.find("\n", start)
+    if end == -1:
+        return False
     try:
-        _, end = json.JSONDecoder().raw_decode(text, start)
+        json.loads(text[start:end])
     except json.JSONDecodeError:
         return False
     return _skip_ws(text, end) < len(text)
@@ -378,12 +385,12 @@ _NORMALISERS = {
 # --------------------------------------------------------------------------- sources
 
 
-def source_file(source: DatasetSource) -> Path | None:
-    """The local file behind a source, or None for a hub dataset."""
-    if source.path.startswith(BUNDLED_PREFIX):
-        return bundled_path(source.path)
-    if is_local_file(source.path):
-        return Path(source.path).expanduser()
+def reference_file(reference: str) -> Path | None:
+    """The local file behind a data reference (bundled:NAME or a path), or None for a hub dataset id."""
+    if reference.startswith(BUNDLED_PREFIX):
+        return bundled_path(reference)
+    if is_local_file(reference):
+        return Path(reference).expanduser()
     return None
 
 
@@ -405,19 +412,22 @@ def _hub_rows(source: DatasetSource) -> Iterator[tuple[int, str | None, Any]]:
 
 
 def _load_ground_truth(path: Path) -> dict[str, str]:
-    truth = read_json(path) if path.suffix == ".json" else None
-    if not isinstance(truth, dict) or not all(v in YES_NO_MAYBE for v in truth.values()):
-        raise input_error("must be one JSON object {pmid: yes|no|maybe}", file=path)
-    return {str(k): v for k, v in truth.items()}
+    """PubMedQA's {pmid: decision} file, read with the same line-aware reader as the data."""
+    truth = {}
+    for line, key, decision in read_items(path):
+        if key is None or decision not in YES_NO_MAYBE:
+            raise input_error(f"entry {decision!r}", file=path, line=line, expected="one JSON object {pmid: yes|no|maybe}")
+        truth[str(key)] = decision
+    return truth
 
 
 def load_source(source: DatasetSource) -> tuple[list[Record], LoadReport]:
     """Load one source into Records, with a report of what was skipped or repaired."""
-    path = source_file(source)
+    path = reference_file(source.path)
     origin = str(path) if path else f"hub:{source.path}"
     items = read_items(path) if path else _hub_rows(source)
     report = LoadReport(source=source.label, path=origin, format=source.format)
-    truth = _load_ground_truth(source_file(DatasetSource(path=source.ground_truth))) if source.ground_truth else None
+    truth = _load_ground_truth(reference_file(source.ground_truth)) if source.ground_truth else None
     records, seen = [], set()
     for n, (line, key, item) in enumerate(items):
         where = _Where(origin, line, report)

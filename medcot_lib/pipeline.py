@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import DISCLAIMER, __version__
-from .data import source_file
+from .data import reference_file
 from .errors import MedcotError
 from .fileio import read_json, sha256_file, write_json
 from .recipe import BUNDLED_PREFIX, Recipe, is_local_file, to_parameters
@@ -117,7 +117,7 @@ def data_hashes(cfg: Recipe) -> dict[str, str]:
     hashes = {}
     for source in cfg.dataset_mixture + cfg.eval_datasets:
         for ref in filter(None, (source.path, source.ground_truth)):
-            path = source_file(source.model_copy(update={"path": ref}))
+            path = reference_file(ref)
             hashes[ref] = f"sha256:{sha256_file(path)}" if path else f"hub:{ref} (config {source.config}, split {source.split})"
     return hashes
 

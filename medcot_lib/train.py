@@ -11,6 +11,7 @@ with sdpa or eager attention (a later sample attends to earlier ones), so the ma
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,8 +194,6 @@ def build_trainer(cfg, model, tokenizer, splits: dict[str, list[Record]], output
 
 def latest_checkpoint(output_dir: str | Path, base_model: str) -> str | None:
     """The newest checkpoint to resume from, after checking it is complete and belongs to this base model."""
-    import json
-
     from transformers.trainer_utils import get_last_checkpoint
 
     from .errors import MedcotError
@@ -215,8 +214,6 @@ def latest_checkpoint(output_dir: str | Path, base_model: str) -> str | None:
 
 
 def _checkpoint_step(checkpoint: str | None) -> int:
-    import json
-
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
 
 

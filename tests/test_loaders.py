@@ -200,3 +200,20 @@ def test_hub_dataset_unreachable_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(MedcotError, match="could not be loaded from the Hugging Face Hub.*set `path:` to the local"):
         load("FreedomIntelligence/medical-o1-reasoning-SFT", config="en")
+
+
+def test_one_line_object_keyed_by_id_is_not_mistaken_for_json_lines(write):
+    entry = {"QUESTION": "Does X help?", "CONTEXTS": ["X helped."], "final_decision": "yes"}
+    path = write("ori_pqal.json", json.dumps({"1": entry, "2": entry}) + "\n")
+    assert [key for _, key, _ in read_items(path)] == ["1", "2"]
+
+
+def test_malformed_ground_truth_names_file_and_line(write):
+    entry = {"QUESTION": "q", "CONTEXTS": ["c"], "final_decision": "yes"}
+    path = write("p.json", json.dumps({"1": entry}))
+    bad = write("gt.json", '{\n"1": "yes",\n"2": "perhaps"\n}')
+    with pytest.raises(MedcotError, match=r"gt.json, line 3: entry 'perhaps' \(expected one JSON object"):
+        load(path, ground_truth=str(bad))
+    broken = write("gt2.json", '{\n"1": "yes",\n"2" "no"\n}')
+    with pytest.raises(MedcotError, match=r"gt2.json, line 3: not valid JSON"):
+        load(path, ground_truth=str(broken))
