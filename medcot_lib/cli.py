@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="output directory (default: results/<run_name>)")
     run.add_argument("--notebooks", type=Path, help="directory holding the stage notebooks (default: the checkout's notebooks/)")
     run.add_argument("--overwrite", action="store_true", help="replace a finished run, or restart an unfinished one")
+    run.add_argument("--smoke", action="store_true",
+                     help="run the recipe's code path on CPU: embedded model, bundled data, a few steps, CUDA-only settings mapped")
 
     validate = sub.add_parser("validate", help="check recipe files and report every problem")
     validate.add_argument("recipes", type=Path, nargs="+")
@@ -41,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            from . import pipeline, recipe
+            from . import models, pipeline, recipe
 
             cfg = recipe.load(args.recipe, _overrides(args.parameter))
-            run_dir = pipeline.run(cfg, run_dir=args.run_dir, stages=args.stages, notebooks_dir=args.notebooks, overwrite=args.overwrite)
+            notes = []
+            if args.smoke:
+                cfg, notes = recipe.smoke(cfg)
+                print("\n".join(notes))
+            else:
+                models.check_hardware(cfg)
+            run_dir = pipeline.run(cfg, run_dir=args.run_dir, stages=args.stages, notebooks_dir=args.notebooks,
+                                   overwrite=args.overwrite, notes=notes)
             print(f"run directory: {run_dir}")
         elif args.command == "validate":
             from . import recipe

@@ -178,8 +178,8 @@ def detect_format(item: Any, keyed: bool) -> str:
     """Name the schema of one raw item (keyed: it came from an object keyed by id)."""
     if isinstance(item, dict):
         keys = set(item)
-        if keyed and {"QUESTION", "CONTEXTS"} <= keys:
-            return "pubmedqa"
+        if (keyed and {"QUESTION", "CONTEXTS"} <= keys) or {"pubid", "question", "context", "final_decision"} <= keys:
+            return "pubmedqa"  # ori_pqal.json keyed by PMID, or the hub copy's rows
         if {"Question", "Complex_CoT", "Response"} <= keys:
             return "medical_o1"
         if {"opa", "opb", "opc", "opd"} <= keys:
@@ -353,7 +353,19 @@ def _norm_sharegpt(item: dict, where: _Where, n: int) -> Record:
     return _norm_turns(item.get("conversations"), where, n, field_name="conversations", role_key="from", text_key="value", roles=("human", "gpt"))
 
 
+def _pubmedqa_hub_row(item: dict, where: _Where) -> tuple[dict, str]:
+    """The hub copy (qiaojin/PubMedQA) nests contexts and labels under `context`; map it to ori_pqal's names."""
+    context = item.get("context")
+    if not isinstance(context, dict):
+        raise where.error("must be an object with contexts and labels", field="context")
+    mapped = {"QUESTION": item.get("question"), "CONTEXTS": context.get("contexts"), "LABELS": context.get("labels"),
+              "final_decision": item.get("final_decision"), "LONG_ANSWER": item.get("long_answer")}
+    return mapped, str(item.get("pubid"))
+
+
 def _norm_pubmedqa(item: dict, where: _Where, n: int, pmid: str | None) -> Record:
+    if "QUESTION" not in item and "pubid" in item:
+        item, pmid = _pubmedqa_hub_row(item, where)
     contexts = item.get("CONTEXTS")
     labels = item.get("LABELS") or [None] * len(contexts or [])
     if not isinstance(contexts, list) or not contexts or not all(isinstance(c, str) for c in contexts):

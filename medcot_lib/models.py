@@ -210,6 +210,7 @@ def load_model(cfg, *, four_bit: bool | None = None):
     """Load the recipe's model for training or inference (4-bit when the recipe or caller asks)."""
     from transformers import AutoModelForCausalLM
 
+    check_hardware(cfg)
     four_bit = cfg.load_in_4bit if four_bit is None else four_bit
     location = resolve(cfg.model_name_or_path)
     kwargs = dict(dtype=resolve_dtype(cfg.dtype), attn_implementation=check_attention(cfg.attn_implementation),
@@ -222,3 +223,18 @@ def load_model(cfg, *, four_bit: bool | None = None):
         if Path(location).exists():
             raise MedcotError(f"model_name_or_path '{cfg.model_name_or_path}': cannot load weights: {exc}") from exc
         raise MedcotError(offline_hint(cfg.model_name_or_path)) from exc
+
+
+def check_hardware(cfg) -> None:
+    """Outside smoke mode, CUDA-only settings on a machine without CUDA are an error, not a silent fallback."""
+    import torch
+
+    from .recipe import cuda_only_settings
+
+    if torch.cuda.is_available():
+        return
+    needs_gpu = cuda_only_settings(cfg)
+    if needs_gpu:
+        settings = ", ".join(f"{k}: {getattr(cfg, k)}" for k in needs_gpu)
+        raise MedcotError(f"this recipe needs a CUDA GPU for {settings}, and none is present; "
+                          f"run it with --smoke to check its code path on CPU")

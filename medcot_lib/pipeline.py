@@ -185,6 +185,7 @@ def run(
     stages: list[str] | None = None,
     notebooks_dir: Path | None = None,
     overwrite: bool = False,
+    notes: list[str] | None = None,
     echo=print,
 ) -> Path:
     """Execute the selected stage notebooks in order; return the run directory."""
@@ -197,6 +198,7 @@ def run(
     params = to_parameters(cfg)
     manifest = _open_manifest(run_dir, cfg, params, overwrite)
     manifest["status"] = "running"
+    manifest["smoke"] = notes or []  # each substitution smoke mode made, empty for a real run
     write_json(run_dir / MANIFEST, manifest)
     logging.getLogger("papermill").addFilter(_QuietUnknownParameters())
 

@@ -45,3 +45,25 @@ def loss_curves(log_history: list[dict], path: str | Path):
     ax.legend()
     save(fig, path)
     return fig
+
+
+def memory_bars(rows: list[dict], path: str | Path):
+    """Bar chart of model memory footprint per precision."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    bars = ax.bar([r["precision"] for r in rows], [r["bytes"] / 2**20 for r in rows], color=["#4c72b0", "#55a868", "#dd8452"][: len(rows)])
+    ax.bar_label(bars, labels=[f"{r['bytes'] / 2**20:.0f} MiB" for r in rows], fontsize=8)
+    ax.set_ylabel("MiB (weights + buffers)")
+    ax.set_title("Model memory footprint")
+    save(fig, path)
+    return fig
+
+
+def token_histogram(values: list[int], path: str | Path, xlabel: str, title: str):
+    """Histogram of a token count (e.g. generated tokens per answer)."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(values, bins=min(30, max(5, len(values) // 2)), color="#4c72b0")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("items")
+    ax.set_title(title)
+    save(fig, path)
+    return fig

@@ -113,6 +113,12 @@ class Recipe(BaseModel):
     prompt_style: Literal["think", "instruction", "native"] = "think"
     system_prompt: str | None = None  # None: the style's default (think) or none (native, instruction)
     max_length: int = Field(1024, gt=0)  # tokens per training sequence (TRL's name for max_seq_length)
+    # generation (transformers GenerationConfig names); greedy by default, so reruns give identical text
+    max_new_tokens: int = Field(512, gt=0)
+    do_sample: bool = False  # true: sample with temperature and top_p (the seeds used 0.6 and 0.9 / 0.95)
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    generation_batch_size: int = Field(8, gt=0)  # prompts per batch, length-sorted and left-padded
     # model loading (TRL ModelConfig names)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 where supported, fp32 on CPU
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -129,6 +135,7 @@ class Recipe(BaseModel):
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed LoRA; combines with load_in_4bit
     # training (TRL SFTConfig / TrainingArguments names)
+    backend: Literal["hf", "unsloth", "auto"] = "hf"  # auto: Unsloth when a CUDA GPU is present and unsloth imports
     completion_only_loss: bool = True  # loss on reasoning + answer only, never on the prompt
     packing: bool = True  # padding-free: a batch is one row, samples isolated by a block-diagonal mask
     learning_rate: float = Field(2e-4, gt=0)
@@ -232,3 +239,86 @@ def from_namespace(namespace: dict[str, Any]) -> Recipe:
 def to_parameters(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain papermill parameters (lists and dicts of literals)."""
     return recipe.model_dump(mode="json", exclude_none=False)
+
+
+# --------------------------------------------------------------------------- smoke mode and hardware
+
+CUDA_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+# The bundled sample of each schema stands in for the real data in smoke mode.
+SMOKE_DATA = {"medical_o1": "bundled:medical-o1", "mcq": "bundled:medqa", "pubmedqa": "bundled:pubmedqa",
+              "medmcqa": "bundled:medmcqa", "reasonmed": "bundled:reasonmed", "messages": "bundled:messages",
+              "sharegpt": "bundled:sharegpt"}
+SMOKE_STEPS = 3  # optimizer steps: enough to take a real step, evaluate and checkpoint
+SMOKE_MAX_LENGTH = 1024  # the bundled items are at most about 1,100 tokens
+SMOKE_BATCH = 2  # sequences per forward pass on a laptop CPU
+SMOKE_ACCUMULATION = 2  # forward passes per step: still exercises accumulation, 2 x 2 x 3 = 12 sequences in all
+SMOKE_SPLIT_COUNT = 8  # split counts (e.g. the seeds' 1000-item test sets) shrink to this
+SMOKE_NEW_TOKENS = 32
+
+
+def cuda_only_settings(cfg: Recipe) -> dict[str, Any]:
+    """The recipe's settings that only work on a CUDA GPU, with the CPU value smoke mode uses."""
+    mapped = {}
+    if cfg.optim in CUDA_ONLY_OPTIMIZERS:
+        mapped["optim"] = "adamw_torch"
+    for flag in ("bf16", "fp16", "tf32"):
+        if getattr(cfg, flag):
+            mapped[flag] = False
+    if cfg.attn_implementation == "flash_attention_2":
+        mapped["attn_implementation"] = "sdpa"
+    if cfg.backend == "unsloth":
+        mapped["backend"] = "hf"
+    return mapped
+
+
+def _smoke_source(source: DatasetSource) -> DatasetSource:
+    from .data import detect_format, read_items, reference_file
+
+    fmt = source.format
+    if fmt == "auto":
+        path = reference_file(source.path)
+        if path is None:
+            raise MedcotError(f"smoke mode: set `format:` on hub source {source.path} so its bundled stand-in can be chosen")
+        line, key, item = next(iter(read_items(path)))
+        fmt = detect_format(item, keyed=key is not None)
+    stand_in = SMOKE_DATA[fmt]
+    truth = "bundled:pubmedqa-ground-truth" if source.ground_truth else None
+    return source.model_copy(update={"path": stand_in, "config": None, "ground_truth": truth, "name": source.label})
+
+
+def smoke(cfg: Recipe) -> tuple[Recipe, list[str]]:
+    """The recipe's own code path at CPU scale: embedded model, bundled data, a few steps.
+
+    Method, adapter targets, DoRA, prompt style, loss masking, packing, schedule and split logic
+    are kept. Every substitution is returned as one line for the log.
+    """
+    from .models import DEFAULT_MODEL
+
+    changes: dict[str, Any] = {"run_name": f"{cfg.run_name}-smoke", "model_name_or_path": DEFAULT_MODEL,
+                               "dataset_mixture": [_smoke_source(s) for s in cfg.dataset_mixture],
+                               "eval_datasets": [_smoke_source(s) for s in cfg.eval_datasets],
+                               "max_steps": SMOKE_STEPS, "eval_steps": SMOKE_STEPS, "save_steps": SMOKE_STEPS,
+                               "max_length": min(cfg.max_length, SMOKE_MAX_LENGTH),
+                               "per_device_train_batch_size": min(cfg.per_device_train_batch_size, SMOKE_BATCH),
+                               "per_device_eval_batch_size": min(cfg.per_device_eval_batch_size, SMOKE_BATCH),
+                               "gradient_accumulation_steps": min(cfg.gradient_accumulation_steps, SMOKE_ACCUMULATION),
+                               "max_new_tokens": min(cfg.max_new_tokens, SMOKE_NEW_TOKENS),
+                               "trust_remote_code": False}
+    for key in ("val_size", "test_size"):
+        if getattr(cfg, key) >= 1:
+            changes[key] = min(getattr(cfg, key), SMOKE_SPLIT_COUNT)
+    changes.update(cuda_only_settings(cfg))
+    # 16-bit weights load and run on a CPU, but most CPUs compute them far slower than fp32.
+    for key in ("dtype", "bnb_4bit_compute_dtype"):
+        if getattr(cfg, key) in ("bfloat16", "float16"):
+            changes[key] = "float32"
+    log = [f"smoke: {key} {_short(getattr(cfg, key))} -> {_short(value)}" for key, value in changes.items()
+           if _short(getattr(cfg, key)) != _short(value)]
+    smoked = validate(cfg.model_copy(update=changes).model_dump(), origin=f"{cfg.run_name} (smoke mode)")
+    return smoked, log
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], DatasetSource):
+        return "[" + ", ".join(s.path for s in value) + "]"
+    return repr(value)

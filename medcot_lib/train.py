@@ -114,12 +114,69 @@ def peft_config(cfg, model):
 
 
 def add_adapter(cfg, model):
-    """Wrap the base in a fresh adapter; a 4-bit base is first prepared for k-bit training."""
+    """Wrap the base in a fresh adapter (initialised from the recipe's seed); a 4-bit base is first prepared for k-bit training."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    set_seed(cfg.seed)  # LoRA's A matrices are random: without this, two runs of one recipe start apart
     return get_peft_model(model, peft_config(cfg, model))
+
+
+# Unsloth's get_peft_model takes explicit module names; these are PEFT's all-linear for Llama-style models.
+LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def resolve_backend(cfg) -> str:
+    """hf, or Unsloth when asked for (or, with auto, when a CUDA GPU is present and unsloth imports)."""
+    import importlib.util
+
+    from .errors import MedcotError
+
+    on_gpu = torch.cuda.is_available()
+    installed = importlib.util.find_spec("unsloth") is not None
+    if cfg.backend == "hf" or (cfg.backend == "auto" and not (on_gpu and installed)):
+        return "hf"
+    if not on_gpu:
+        raise MedcotError("backend: unsloth needs a CUDA GPU and none is present; use backend: hf (or auto), or run with --smoke")
+    if not installed:
+        raise MedcotError("backend: unsloth, but the unsloth package is not installed (pip install -e '.[unsloth]' on the GPU machine)")
+    return "unsloth"
+
+
+def load_for_training(cfg):
+    """(model with a fresh adapter, tokenizer) from the recipe's backend; both backends share templates and masking."""
+    from . import models
+
+    if resolve_backend(cfg) == "unsloth":
+        return _load_unsloth(cfg)
+    tokenizer = models.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    return add_adapter(cfg, models.load_model(cfg)), tokenizer
+
+
+def _load_unsloth(cfg):
+    """Unsloth's documented two calls: FastLanguageModel.from_pretrained, then get_peft_model."""
+    from unsloth import FastLanguageModel  # imported first so it can patch transformers
+
+    from .errors import MedcotError
+    from .models import hub_token, resolve, resolve_dtype
+
+    if cfg.use_dora:
+        raise MedcotError("use_dora is not available on the unsloth backend in medcot; use backend: hf for DoRA")
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=resolve(cfg.model_name_or_path), max_seq_length=cfg.max_length, dtype=resolve_dtype(cfg.dtype),
+        load_in_4bit=cfg.load_in_4bit, token=hub_token(), trust_remote_code=cfg.trust_remote_code,
+    )
+    targets = LLAMA_LINEAR_MODULES if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules
+    model = FastLanguageModel.get_peft_model(
+        model, r=cfg.lora_r, target_modules=targets, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        bias=cfg.lora_bias, use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False,
+        random_state=cfg.seed, use_rslora=cfg.use_rslora,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def trainable_parameters(model) -> dict:
@@ -128,8 +185,20 @@ def trainable_parameters(model) -> dict:
     return {"trainable": trainable, "total": total, "percent": round(100 * trainable / total, 4)}
 
 
+def _wandb_environment(output_dir: str) -> None:
+    """W&B reads WANDB_API_KEY from the environment; without one it logs offline into the run directory."""
+    import os
+
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_DIR", output_dir)
+
+
 def sft_config(cfg, output_dir: str, has_eval: bool):
     from trl import SFTConfig
+
+    if "wandb" in cfg.report_to:
+        _wandb_environment(output_dir)
 
     on_gpu = torch.cuda.is_available()
     return SFTConfig(
@@ -168,16 +237,31 @@ def sft_config(cfg, output_dir: str, has_eval: bool):
     )
 
 
+def adapts_lm_head(model) -> bool:
+    """Whether the adapter sits on the output layer.
+
+    TRL 1.16's SFTTrainer computes log-probabilities from `lm_head.weight` directly (its fused LM head) and
+    refuses an adapter there, which would never be trained. The seeds that target `lm_head` therefore train
+    with transformers' Trainer, which runs the model's own forward; data, labels, collator and arguments
+    are the same objects either way.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(model.get_output_embeddings(), BaseTunerLayer)
+
+
 def build_trainer(cfg, model, tokenizer, splits: dict[str, list[Record]], output_dir: str):
-    """An SFTTrainer over the prepared splits, with the recipe's adapter, loss mask and collator."""
+    """An SFTTrainer (Trainer when the adapter covers lm_head) over the prepared splits, with the recipe's loss mask and collator."""
     from datasets import Dataset
+    from transformers import Trainer
     from trl import SFTTrainer
 
     style = prompts.PromptStyle.from_recipe(cfg)
     train_rows = tokenize(splits["train"], tokenizer, style, cfg.max_length, cfg.completion_only_loss)
     eval_rows = tokenize(splits.get("val", []), tokenizer, style, cfg.max_length, cfg.completion_only_loss)
     collator = PackingCollator() if cfg.packing else PaddingCollator(tokenizer.pad_token_id)
-    trainer = SFTTrainer(
+    trainer_class = Trainer if adapts_lm_head(model) else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=sft_config(cfg, output_dir, has_eval=bool(eval_rows.rows)),
         data_collator=collator,

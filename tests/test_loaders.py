@@ -217,3 +217,12 @@ def test_malformed_ground_truth_names_file_and_line(write):
     broken = write("gt2.json", '{\n"1": "yes",\n"2" "no"\n}')
     with pytest.raises(MedcotError, match=r"gt2.json, line 3: not valid JSON"):
         load(path, ground_truth=str(broken))
+
+
+def test_pubmedqa_hub_rows_load_like_ori_pqal(write):
+    row = {"pubid": 4242, "question": "Does X help?", "context": {"contexts": ["We studied X.", "X helped."],
+           "labels": ["METHODS", "RESULTS"], "meshes": ["Humans"]}, "long_answer": "X helped.", "final_decision": "yes"}
+    (r,), report = load(write("pqa_labeled.jsonl", [row]))
+    assert report.format == "pubmedqa"
+    assert (r.id, r.gold, r.answer) == ("4242", "yes", "X helped.")
+    assert r.context == "METHODS: We studied X.\nRESULTS: X helped."

@@ -82,7 +82,8 @@ def test_no_sys_path_editing_or_secrets_in_parameters(path):
     for cell in cells(path):
         assert "sys.path" not in code(cell)
     names = [node.target.id.lower() for node in ast.parse(code(parameters_cell(path)[0])).body]
-    assert not [n for n in names if any(secret in n for secret in ("token", "api_key", "secret", "password"))]
+    secrets = [n for n in names if n == "token" or n.endswith("_token") or any(s in n for s in ("api_key", "secret", "password"))]
+    assert not secrets, f"{path}: secrets come from the environment, never from parameters: {secrets}"
 
 
 def test_recipe_keys_are_yaml_literals_papermill_can_inject():

@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 # Real training, kept short: 2 optimizer steps of 2 x 2 sequences, evaluated and checkpointed once.
-FAST = ["-p", "max_steps", "2", "-p", "eval_steps", "2", "-p", "save_steps", "2"]
+FAST = ["-p", "max_steps", "2", "-p", "eval_steps", "2", "-p", "save_steps", "2", "-p", "max_new_tokens", "8"]
 
 
 def medcot(*args, check=True):
@@ -28,8 +28,12 @@ def finished_run(tmp_path_factory):
 
 def test_stage_00_writes_data_metrics_figure_and_manifest(finished_run):
     run_dir, result = finished_run
-    assert "[1/2] 00_dataset_inspection: done in" in result.stdout and "[2/2] 03_qlora_train: done in" in result.stdout
-    for name in ["03_qlora_train.ipynb", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+    for line in ("[1/4] 00_dataset_inspection: done in", "[2/4] 01_baseline: done in", "[3/4] 02_quantize: done in",
+                 "[4/4] 03_qlora_train: done in"):
+        assert line in result.stdout
+    for name in ["01_baseline.ipynb", "generations/01_baseline.jsonl", "metrics/01_baseline.json", "figures/01_new_tokens.png",
+                 "02_quantize.ipynb", "quantized/config.json", "metrics/02_quantize.json", "figures/02_memory.png",
+                 "03_qlora_train.ipynb", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                  "adapter/tokenizer.json", "figures/03_loss.png", "metrics/03_qlora_train.json","00_dataset_inspection.ipynb", "data/train.jsonl", "data/val.jsonl", "data/test.jsonl",
                  "data/eval/medqa.jsonl", "data/eval/pubmedqa.jsonl", "data/report.json",
                  "figures/00_token_lengths.png", "metrics/00_dataset_inspection.json"]:
@@ -38,6 +42,9 @@ def test_stage_00_writes_data_metrics_figure_and_manifest(finished_run):
     metrics = json.loads((run_dir / "metrics/00_dataset_inspection.json").read_text())
     assert sum(metrics["splits"].values()) >= 140 and metrics["eval_sets"]["pubmedqa"] == 22
     assert metrics["token_lengths"]["recommended_max_length"] % 64 == 0
+    baseline = json.loads((run_dir / "metrics/01_baseline.json").read_text())
+    assert baseline["n"] == metrics["splits"]["test"] + 5 and baseline["new_tokens"]["max"] <= 8
+    assert json.loads((run_dir / "metrics/02_quantize.json").read_text())["reload_identical"] is True
     trained = json.loads((run_dir / "metrics/03_qlora_train.json").read_text())
     assert trained["global_step"] == 2 and trained["eval_loss_last"] > 0 and trained["tokens_per_s"] > 0
     assert 0 < trained["parameters"]["percent"] < 10
@@ -45,7 +52,7 @@ def test_stage_00_writes_data_metrics_figure_and_manifest(finished_run):
     assert manifest["status"] == "finished" and manifest["parameters"]["seed"] == 7
     assert manifest["versions"]["transformers"] and manifest["hardware"]["cpu_count"]
     assert all(v.startswith("sha256:") for v in manifest["data"].values())
-    assert manifest["stages"]["00_dataset_inspection"]["status"] == manifest["stages"]["03_qlora_train"]["status"] == "done"
+    assert {s["status"] for s in manifest["stages"].values()} == {"done"} and len(manifest["stages"]) == 4
 
 
 def test_executed_notebook_carries_outputs_and_the_injected_recipe(finished_run):

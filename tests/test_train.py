@@ -62,3 +62,64 @@ def test_resume_refuses_incomplete_or_foreign_checkpoints(tmp_path):
         train.latest_checkpoint(tmp_path, "base")
     assert train.latest_checkpoint(tmp_path, "other/model") == str(checkpoint)
     assert train._checkpoint_step(str(checkpoint)) == 5
+
+
+class _StopAfter:
+    """A trainer callback that stops the run right after the checkpoint at `step` is written."""
+
+    def __init__(self, step):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    raise KeyboardInterrupt(f"stopped after step {step}")
+
+        self.callback = Stop()
+
+
+@pytest.mark.integration
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    cfg = cfg_with(max_steps=4, save_steps=2, per_device_train_batch_size=2, max_length=256, learning_rate=1e-3,
+                   warmup_steps=0, lora_r=4, lora_alpha=8, load_best_model_at_end=False)
+    prepared = data.prepare(cfg)
+    splits = {"train": prepared.splits["train"][:16]}
+    tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+
+    def fresh_trainer(run_dir):
+        model, _ = train.load_for_training(cfg)
+        return train.build_trainer(cfg, model, tokenizer, splits, str(run_dir / "checkpoints"))
+
+    whole = fresh_trainer(tmp_path / "whole")
+    train.run(whole, cfg, tmp_path / "whole")
+
+    first = fresh_trainer(tmp_path / "cut")
+    first.add_callback(_StopAfter(2).callback)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(first, cfg, tmp_path / "cut")
+    assert not (tmp_path / "cut" / "adapter").exists()  # nothing half-written
+    resumed = fresh_trainer(tmp_path / "cut")
+    metrics = train.run(resumed, cfg, tmp_path / "cut")
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps_this_run"] == 2
+    assert resumed.state.global_step == whole.state.global_step == 4
+
+    def last_loss(trainer):
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
+
+    assert last_loss(resumed) == pytest.approx(last_loss(whole), abs=1e-4)
+    assert [h["loss"] for h in first.state.log_history if "loss" in h] == [h["loss"] for h in whole.state.log_history if "loss" in h][:2]
+
+
+def test_an_adapter_on_lm_head_is_actually_trained(tmp_path):
+    from trl import SFTTrainer
+
+    cfg = cfg_with(lora_target_modules=["q_proj", "lm_head"], max_steps=1, per_device_train_batch_size=1, max_length=200,
+                   warmup_steps=0, save_steps=1, load_best_model_at_end=False)
+    records = data.prepare(cfg).splits["train"][:2]
+    model, tokenizer = train.load_for_training(cfg)
+    trainer = train.build_trainer(cfg, model, tokenizer, {"train": records}, str(tmp_path))
+    assert not isinstance(trainer, SFTTrainer)  # TRL's fused LM head would leave an lm_head adapter untrained
+    lora_b = model.get_output_embeddings().lora_B["default"].weight
+    assert lora_b.abs().sum() == 0  # LoRA's B starts at zero
+    trainer.train()
+    assert lora_b.abs().sum() > 0

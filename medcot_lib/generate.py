@@ -1,0 +1,108 @@
+"""Batched generation with the training template: used by the baseline (01) and later stages.
+
+Prompts are rendered by `prompts.render(..., with_target=False)`, the same function that builds
+training sequences. Batches are length-sorted (so little padding is wasted), left-padded (so every
+row's generation starts right after its prompt), and results come back in the input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import prompts
+from .answers import split_think
+from .data import Record
+
+
+@dataclass(frozen=True)
+class Decoding:
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    batch_size: int
+    seed: int
+
+    @classmethod
+    def from_recipe(cls, cfg) -> Decoding:
+        return cls(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.generation_batch_size, cfg.seed)
+
+    def kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None}
+
+
+@dataclass
+class Generation:
+    id: str
+    source: str
+    prompt: str
+    output: str
+    reasoning: str | None
+    answer: str
+    prompt_tokens: int
+    new_tokens: int
+    stopped: bool  # ended with an end-of-turn token rather than by hitting max_new_tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _stop_ids(tokenizer, model) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    ids.add(tokenizer.eos_token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def generate(model, tokenizer, records: list[Record], style: prompts.PromptStyle, decoding: Decoding, *, progress: bool = True) -> list[Generation]:
+    """Generate one completion per record, batched and length-sorted; returned in input order."""
+    from tqdm.auto import tqdm
+
+    rendered = [prompts.render(r, tokenizer, style, with_target=False) for r in records]
+    encoded = [tokenizer(x.prompt, add_special_tokens=x.add_special_tokens)["input_ids"] for x in rendered]
+    order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
+    stop = _stop_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    results: list[Generation | None] = [None] * len(records)
+    torch.manual_seed(decoding.seed)
+    model.eval()
+    batches = [order[i : i + decoding.batch_size] for i in range(0, len(order), decoding.batch_size)]
+    for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+        width = max(len(encoded[i]) for i in batch)
+        input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in batch])
+        attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch])
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                                 max_new_tokens=decoding.max_new_tokens, eos_token_id=stop, pad_token_id=pad,
+                                 **decoding.kwargs())
+        for row, i in enumerate(batch):
+            new = out[row, width:].tolist()
+            stopped_at = next((k for k, t in enumerate(new) if t in stop), None)
+            new = new[: stopped_at + 1] if stopped_at is not None else new
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            reasoning, answer = split_think(text)
+            results[i] = Generation(records[i].id, records[i].source, rendered[i].prompt, text, reasoning, answer,
+                                    len(encoded[i]), len(new), stopped_at is not None)
+    return results
+
+
+def length_stats(generations: list[Generation]) -> dict:
+    """Prompt and generated token counts, and how often the budget cut a generation short."""
+    import numpy as np
+
+    def describe(values):
+        values = np.asarray(values)
+        return {"mean": float(values.mean()), "median": float(np.median(values)), "p95": float(np.percentile(values, 95)),
+                "max": int(values.max())}
+
+    return {
+        "n": len(generations),
+        "prompt_tokens": describe([g.prompt_tokens for g in generations]),
+        "new_tokens": describe([g.new_tokens for g in generations]),
+        "hit_max_new_tokens": sum(not g.stopped for g in generations),
+        "with_think_block": sum(g.reasoning is not None for g in generations),
+    }
