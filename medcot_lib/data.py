@@ -26,7 +26,7 @@ import numpy as np
 from .answers import extract_choice, split_think
 from .errors import MedcotError, input_error
 from .fileio import write_json, write_jsonl
-from .recipe import BUNDLED_PREFIX, DatasetSource, Recipe, bundled_path, is_local_file
+from .recipe import BUNDLED_PREFIX, DISTILLED, DatasetSource, Recipe, bundled_path, is_local_file
 
 YES_NO_MAYBE = ("yes", "no", "maybe")
 
@@ -489,7 +489,7 @@ class StepReport:
         return self.before - self.dropped
 
 
-def _report(step: str, source: str, before: int, dropped: list[tuple[Record, str, str]]) -> StepReport:
+def step_report(step: str, source: str, before: int, dropped: list[tuple[Record, str, str]]) -> StepReport:
     reasons = Counter(reason for _, reason, _ in dropped)
     examples = [f"{r.id}{' ~ ' + other if other else ''}" for r, _, other in dropped[:5]]
     return StepReport(step, source, before, len(dropped), dict(reasons), examples)
@@ -508,7 +508,7 @@ def quality_filter(records: list[Record], min_cot_chars: int) -> tuple[list[Reco
             dropped.append((r, f"reasoning shorter than {min_cot_chars} chars", ""))
         else:
             kept.append(r)
-    return kept, _report("quality", "all", len(records), dropped)
+    return kept, step_report("quality", "all", len(records), dropped)
 
 
 def normalise_text(text: str) -> str:
@@ -567,7 +567,7 @@ def deduplicate(records: list[Record], threshold: float, seed: int = 0) -> tuple
             buckets[key].append(len(kept))
         kept.append(r)
         kept_shingles.append(shingles)
-    return kept, _report("deduplicate", "all", len(records), dropped)
+    return kept, step_report("deduplicate", "all", len(records), dropped)
 
 
 def decontaminate(records: list[Record], eval_records: list[Record], chars: int) -> tuple[list[Record], StepReport]:
@@ -578,7 +578,7 @@ def decontaminate(records: list[Record], eval_records: list[Record], chars: int)
     and each hit is confirmed by extending it both ways, so the test is exact.
     """
     if not chars or not eval_records:
-        return records, _report("decontaminate", "all", len(records), [])
+        return records, step_report("decontaminate", "all", len(records), [])
     probe = chars // 2
     eval_texts = [prompt_text(e) for e in eval_records]
     index: dict[str, set[int]] = defaultdict(set)
@@ -593,7 +593,7 @@ def decontaminate(records: list[Record], eval_records: list[Record], chars: int)
             kept.append(r)
         else:
             dropped.append((r, f"shares {chars}+ chars with eval data", eval_records[hit].id))
-    return kept, _report("decontaminate", "all", len(records), dropped)
+    return kept, step_report("decontaminate", "all", len(records), dropped)
 
 
 def _shared_run(text: str, eval_texts: list[str], index: dict[str, set[int]], probe: int, chars: int) -> int | None:
@@ -628,7 +628,7 @@ def sample_mixture(by_source: dict[str, list[Record]], sources: list[DatasetSour
         keep = set(chosen)
         reason = f"not sampled (weight {source.weight}" + (f", cap {source.max_samples})" if source.max_samples else ")")
         dropped = [(r, reason, "") for i, r in enumerate(pool) if i not in keep]
-        reports.append(_report("mixture", source.label, len(pool), dropped))
+        reports.append(step_report("mixture", source.label, len(pool), dropped))
         mixed.extend(pool[i] for i in chosen)
     return mixed, reports
 
@@ -699,9 +699,25 @@ def load_sources(sources: list[DatasetSource]) -> tuple[dict[str, list[Record]],
     return by_source, reports
 
 
-def prepare(cfg: Recipe) -> Prepared:
-    """Load, filter, deduplicate, decontaminate, mix and split, reporting every drop."""
-    train_sources, train_loads = load_sources(cfg.dataset_mixture)
+def _distilled_source(source: DatasetSource, run_dir: str | Path | None) -> tuple[DatasetSource | None, str]:
+    """The run's distilled set (written by stage 00b) as a medical-o1 file; None, and why, while it has no items."""
+    path = Path(run_dir) / "distill" / "distilled.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return None, "not written yet (stage 00b, teacher distillation, writes it)"
+    if not json.loads(path.read_text(encoding="utf-8")):
+        return None, "stage 00b accepted no teacher generations"
+    return source.model_copy(update={"path": str(path), "format": "medical_o1", "name": source.label}), ""
+
+
+def prepare(cfg: Recipe, run_dir: str | Path | None = None) -> Prepared:
+    """Load, filter, deduplicate, decontaminate, mix and split, reporting every drop.
+
+    A `run:distilled` source is read from run_dir once stage 00b has written it; before that it
+    contributes nothing, and a mixture made only of it yields empty splits (00b fills them).
+    """
+    resolved = [_distilled_source(s, run_dir) if s.path == DISTILLED else (s, "") for s in cfg.dataset_mixture]
+    pending = {s.label: why for s, (r, why) in zip(cfg.dataset_mixture, resolved, strict=True) if r is None}
+    train_sources, train_loads = load_sources([r for r, _ in resolved if r is not None])
     eval_sets, eval_loads = load_sources(cfg.eval_datasets)
     pooled = [r for records in train_sources.values() for r in records]
     steps = []
@@ -717,6 +733,9 @@ def prepare(cfg: Recipe) -> Prepared:
         by_source[r.source].append(r)
     mixed, mixture_reports = sample_mixture(by_source, cfg.dataset_mixture, cfg.seed)
     steps.extend(mixture_reports)
+    steps.extend(StepReport("empty source", label, 0, 0, {why: 0}, []) for label, why in pending.items())
+    if not mixed and len(pending) == len(cfg.dataset_mixture):  # only the distilled set, not written yet
+        return Prepared({"train": [], "val": [], "test": []}, eval_sets, train_loads + eval_loads, steps)
     if not mixed:
         raise MedcotError("no training items are left after filtering; see the drop table")
     return Prepared(split(mixed, cfg.val_size, cfg.test_size, cfg.seed), eval_sets, train_loads + eval_loads, steps)
@@ -736,6 +755,15 @@ def save_prepared(prepared: Prepared, run_dir: str | Path) -> Path:
         "eval_sets": {k: len(v) for k, v in prepared.eval_sets.items()},
     })
     return data_dir
+
+
+def load_prepared_eval(run_dir: str | Path) -> dict[str, list[Record]]:
+    """Read the whole eval sets that stage 00 wrote (decontamination checks against all of them)."""
+    eval_dir = Path(run_dir) / "data" / "eval"
+    if not (Path(run_dir) / "data" / "report.json").is_file():
+        raise MedcotError(f"{Path(run_dir) / 'data'}: no prepared data; run stage 00 (dataset inspection) first")
+    return {path.stem: [Record.from_dict(row) for _, _, row in read_items(path)]
+            for path in sorted(eval_dir.glob("*.jsonl")) if path.stat().st_size}
 
 
 def load_prepared(run_dir: str | Path) -> dict[str, list[Record]]:

@@ -8,6 +8,7 @@ row's generation starts right after its prompt), and results come back in the in
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -62,8 +63,7 @@ def generate(model, tokenizer, records: list[Record], style: prompts.PromptStyle
     """Generate one completion per record, batched and length-sorted; returned in input order."""
     from tqdm.auto import tqdm
 
-    rendered = [prompts.render(r, tokenizer, style, with_target=False) for r in records]
-    encoded = [tokenizer(x.prompt, add_special_tokens=x.add_special_tokens)["input_ids"] for x in rendered]
+    texts, encoded = _rendered_ids(records, tokenizer, style)
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
     stop = _stop_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -84,9 +84,67 @@ def generate(model, tokenizer, records: list[Record], style: prompts.PromptStyle
             stopped_at = next((k for k, t in enumerate(new) if t in stop), None)
             new = new[: stopped_at + 1] if stopped_at is not None else new
             text = tokenizer.decode(new, skip_special_tokens=True)
-            reasoning, answer = split_think(text)
-            results[i] = Generation(records[i].id, records[i].source, rendered[i].prompt, text, reasoning, answer,
-                                    len(encoded[i]), len(new), stopped_at is not None)
+            results[i] = _from_text(records[i], texts[i], len(encoded[i]), text, len(new), stopped_at is not None)
+    return results
+
+
+def _rendered_ids(records: list[Record], tokenizer, style: prompts.PromptStyle) -> tuple[list[str], list[list[int]]]:
+    """Prompt strings and their token ids, exactly as `generate` feeds them to the HF model."""
+    rendered = [prompts.render(r, tokenizer, style, with_target=False) for r in records]
+    return [x.prompt for x in rendered], [tokenizer(x.prompt, add_special_tokens=x.add_special_tokens)["input_ids"] for x in rendered]
+
+
+def _from_text(record: Record, prompt: str, prompt_tokens: int, text: str, new_tokens: int, stopped: bool) -> Generation:
+    reasoning, answer = split_think(text)
+    return Generation(record.id, record.source, prompt, text, reasoning, answer, prompt_tokens, new_tokens, stopped)
+
+
+def generate_gguf(path: str | Path, tokenizer, records: list[Record], style: prompts.PromptStyle, decoding: Decoding,
+                  *, progress: bool = True) -> list[Generation]:
+    """Generate with a GGUF file through llama.cpp, `decoding.batch_size` sequences at a time.
+
+    The prompt is rendered and tokenized by the HF tokenizer, so template and BOS handling cannot
+    differ from training, and the new tokens are decoded by it too; llama.cpp only runs the network.
+    Greedy is argmax; sampling mirrors HF's settings (no top-k, no min-p, no repetition penalty).
+    """
+    from tqdm.auto import tqdm
+
+    from .llamacpp import ParallelGGUF, Sampling
+
+    texts, encoded = _rendered_ids(records, tokenizer, style)
+    sampling = Sampling(decoding.temperature, decoding.top_p, decoding.seed) if decoding.do_sample else None
+    slot = max(map(len, encoded)) + decoding.max_new_tokens
+    with ParallelGGUF(path, parallel=min(decoding.batch_size, len(records)), slot_tokens=slot) as model, \
+            tqdm(total=len(records), desc="generating (llama.cpp)", unit="prompt", disable=not progress) as bar:
+        outputs = model.generate(encoded, decoding.max_new_tokens, sampling, progress=bar)
+    return [_from_text(record, prompt, len(ids), tokenizer.decode(new, skip_special_tokens=True), len(new), stopped)
+            for record, prompt, ids, (new, stopped) in zip(records, texts, encoded, outputs, strict=True)]
+
+
+def generate_vllm(cfg, adapter: Path, tokenizer, records: list[Record], style: prompts.PromptStyle,
+                  decoding: Decoding) -> dict[str, list[Generation]]:
+    """Base and base + adapter with vLLM (CUDA only): the adapter is served as a LoRA request, not merged."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from .models import resolve
+
+    texts, encoded = _rendered_ids(records, tokenizer, style)
+    # vLLM sizes its LoRA kernels by a maximum rank from a fixed menu of powers of two (8, 16, 32, ...).
+    max_rank = max(8, 1 << (cfg.lora_r - 1).bit_length())
+    llm = LLM(model=resolve(cfg.model_name_or_path), tokenizer=resolve(cfg.model_name_or_path), enable_lora=True,
+              max_lora_rank=max_rank, max_loras=1, seed=decoding.seed, trust_remote_code=cfg.trust_remote_code,
+              max_model_len=max(map(len, encoded)) + decoding.max_new_tokens)
+    params = SamplingParams(max_tokens=decoding.max_new_tokens, seed=decoding.seed,
+                            temperature=decoding.temperature if decoding.do_sample else 0.0,
+                            top_p=decoding.top_p if decoding.do_sample else 1.0)
+    inputs = [{"prompt_token_ids": ids} for ids in encoded]
+    results = {}
+    for label, lora in (("base", None), ("fine-tuned", LoRARequest("medcot-adapter", 1, str(adapter)))):
+        outputs = llm.generate(inputs, params, lora_request=lora)
+        results[label] = [_from_text(r, prompt, len(ids), o.outputs[0].text, len(o.outputs[0].token_ids),
+                                     o.outputs[0].finish_reason == "stop")
+                          for r, prompt, ids, o in zip(records, texts, encoded, outputs, strict=True)]
     return results
 
 

@@ -26,10 +26,12 @@ from . import DISCLAIMER, __version__
 from .data import reference_file
 from .errors import MedcotError
 from .fileio import read_json, sha256_file, write_json
-from .recipe import BUNDLED_PREFIX, Recipe, is_local_file, to_parameters
+from .recipe import BUNDLED_PREFIX, DISTILLED, Recipe, is_local_file, to_parameters
 
 STAGE_FILE = re.compile(r"^(\d\d[a-z]?)_[a-z0-9_]+\.ipynb$")
 MANIFEST = "manifest.json"
+# Optional stages and the recipe switch that turns each on; the others always run.
+OPTIONAL_STAGES = {"00b_teacher_cot": "distillation"}
 
 
 def repo_root() -> Path:
@@ -69,8 +71,8 @@ def absolute_paths(cfg: Recipe) -> Recipe:
                   if (value := getattr(source, key)) and not value.startswith(BUNDLED_PREFIX) and is_local_file(value)}
         return source.model_copy(update=update)
 
-    return cfg.model_copy(update={"dataset_mixture": [fix(s) for s in cfg.dataset_mixture],
-                                  "eval_datasets": [fix(s) for s in cfg.eval_datasets]})
+    return cfg.model_copy(update={key: [fix(s) for s in getattr(cfg, key)]
+                                  for key in ("dataset_mixture", "eval_datasets", "distill_sources")})
 
 
 # --------------------------------------------------------------------------- manifest facts
@@ -115,8 +117,11 @@ def hardware() -> dict[str, Any]:
 
 def data_hashes(cfg: Recipe) -> dict[str, str]:
     hashes = {}
-    for source in cfg.dataset_mixture + cfg.eval_datasets:
+    for source in cfg.dataset_mixture + cfg.eval_datasets + cfg.distill_sources:
         for ref in filter(None, (source.path, source.ground_truth)):
+            if ref == DISTILLED:
+                hashes[ref] = "written by stage 00b in this run: distill/distilled.json"
+                continue
             path = reference_file(ref)
             hashes[ref] = f"sha256:{sha256_file(path)}" if path else f"hub:{ref} (config {source.config}, split {source.split})"
     return hashes
@@ -208,6 +213,10 @@ def run(
         if manifest["stages"].get(name, {}).get("status") == "done":
             echo(f"[{number}/{len(selected)}] {name}: already done, skipped (resuming)")
             continue
+        if name in OPTIONAL_STAGES and not getattr(cfg, OPTIONAL_STAGES[name]):
+            manifest["stages"][name] = {"status": "skipped", "why": f"{OPTIONAL_STAGES[name]} is false"}
+            echo(f"[{number}/{len(selected)}] {name}: skipped ({OPTIONAL_STAGES[name]} is false)")
+            continue
         echo(f"[{number}/{len(selected)}] {name} ...")
         manifest["stages"][name] = {"status": "running", "started": _now()}
         write_json(run_dir / MANIFEST, manifest)
@@ -234,7 +243,7 @@ def run(
         write_json(run_dir / MANIFEST, manifest)
         echo(f"[{number}/{len(selected)}] {name}: done in {seconds:.1f} s (elapsed {time.monotonic() - started:.1f} s)")
 
-    all_done = all(manifest["stages"].get(s.stem, {}).get("status") == "done" for s in discover_stages(notebooks_dir))
+    all_done = all(manifest["stages"].get(s.stem, {}).get("status") in ("done", "skipped") for s in discover_stages(notebooks_dir))
     manifest["status"] = "finished" if all_done else "partial"
     manifest["finished"] = _now()
     write_json(run_dir / MANIFEST, manifest)

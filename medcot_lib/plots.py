@@ -67,3 +67,57 @@ def token_histogram(values: list[int], path: str | Path, xlabel: str, title: str
     ax.set_title(title)
     save(fig, path)
     return fig
+
+
+def accuracy_bars(summary: dict, path: str | Path):
+    """Headline metric per eval set, base beside fine-tuned, with 95% CI error bars."""
+    import numpy as np
+
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 3.5))
+    x = np.arange(len(names))
+    for offset, model, color in ((-0.2, "base", "#8c8c8c"), (0.2, "fine-tuned", "#4c72b0")):
+        entries = [summary[n][model][summary[n]["headline"]] for n in names]
+        values = np.array([e["value"] for e in entries])
+        errors = np.array([[e["value"] - e["low"] for e in entries], [e["high"] - e["value"] for e in entries]])
+        ax.bar(x + offset, values, width=0.4, yerr=errors, capsize=4, color=color, label=model)
+    ax.set_xticks(x, [f"{n}\n{summary[n]['headline']} (n={summary[n]['n']})" for n in names], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (95% CI)")
+    ax.legend()
+    save(fig, path)
+    return fig
+
+
+def reasoning_length_histograms(rows: list[dict], path: str | Path):
+    """Reasoning tokens per answer, base and fine-tuned overlaid (answers without reasoning are left out and counted)."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for model, color in (("base", "#8c8c8c"), ("fine-tuned", "#4c72b0")):
+        lengths = [r["reasoning_tokens"] for r in rows if r["model"] == model and r["reasoning_tokens"]]
+        without = sum(1 for r in rows if r["model"] == model and not r["reasoning_tokens"])
+        if lengths:
+            ax.hist(lengths, bins=20, alpha=0.6, color=color, label=f"{model} (n={len(lengths)}, {without} without reasoning)")
+        else:
+            ax.plot([], [], color=color, label=f"{model}: no reasoning block in {without} answers")
+    ax.set_xlabel("reasoning tokens")
+    ax.set_ylabel("answers")
+    ax.legend(fontsize=8)
+    save(fig, path)
+    return fig
+
+
+def gguf_tradeoff(report: dict, path: str | Path):
+    """GGUF file size against held-out perplexity, one point per file, the merged HF model as a reference line."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rows = [r for r in report["files"] if r["perplexity"] is not None]
+    ax.scatter([r["MB"] for r in rows], [r["perplexity"] for r in rows], color=["#c44e52" if r["flagged"] else "#4c72b0" for r in rows])
+    for r in rows:
+        ax.annotate(r["type"], (r["MB"], r["perplexity"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if report["reference"]["perplexity"]:
+        ax.axhline(report["reference"]["perplexity"], color="black", linestyle="--", label="merged HF model (fp32)")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel(f"perplexity ({report['held_out_tokens']} held-out tokens)")
+    ax.set_title("GGUF size vs quality (red: flagged)")
+    save(fig, path)
+    return fig

@@ -13,12 +13,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import MedcotError
 from .models import DEFAULT_MODEL
 
 BUNDLED_PREFIX = "bundled:"
+DISTILLED = "run:distilled"  # the teacher-written set that stage 00b stores in this run (distill/distilled.json)
 # Bundled sample files, named by the schema they imitate. All are original, educational text.
 BUNDLED_FILES = {
     "medical-o1": "medical_o1_sample.json",
@@ -48,6 +57,8 @@ def is_local_file(path: str) -> bool:
 
 
 def _check_data_reference(path: str) -> str:
+    if path == DISTILLED:
+        return path
     if path.startswith(BUNDLED_PREFIX):
         if not bundled_path(path).is_file():
             raise ValueError(f"bundled file for {path} is missing from the installed package (reinstall medcot)")
@@ -86,6 +97,8 @@ class DatasetSource(BaseModel):
             return self.name
         if self.path.startswith(BUNDLED_PREFIX):
             return self.path.removeprefix(BUNDLED_PREFIX)
+        if self.path == DISTILLED:
+            return "distilled"
         if is_local_file(self.path):
             return Path(self.path).stem
         return self.path.split("/")[-1] + (f"-{self.config}" if self.config else "")
@@ -119,6 +132,24 @@ class Recipe(BaseModel):
     temperature: float = Field(0.6, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     generation_batch_size: int = Field(8, gt=0)  # prompts per batch, length-sorted and left-padded
+    # evaluation (04); an eval source's max_samples is a seeded subsample (decontamination still uses the whole set)
+    eval_backend: Literal["hf", "llamacpp", "vllm"] = "hf"  # hf: base + adapter, exact; llamacpp: F16 GGUFs (fast on CPU); vllm: CUDA
+    eval_test_split: bool = True  # also score the held-out test split as an open-ended set (ROUGE-L, token F1)
+    eval_subsample_seed: int = 0  # fixed seed for max_samples subsamples, independent of the training seed
+    eval_side_by_side: int = Field(3, ge=0)  # items per eval set shown side by side (plus the showcase prompts)
+    bootstrap_resamples: int = Field(1000, ge=100)  # resamples behind every 95% confidence interval
+    # teacher CoT distillation (00b): the teacher writes reasoning, kept only when its answer matches gold
+    distillation: bool = False  # run stage 00b; train on its output by listing `path: run:distilled` in dataset_mixture
+    teacher_model: str | None = None  # hub id, local directory, embedded:NAME, or (llamacpp) a .gguf file
+    teacher_backend: Literal["hf", "llamacpp"] = "llamacpp"  # llamacpp: any GGUF, fast on CPU; hf: transformers
+    teacher_load_in_4bit: bool = False  # hf teacher in bitsandbytes 4-bit (the seed's 8B teacher on one GPU)
+    teacher_system_prompt: str | None = None  # None: the teacher template's own; set one for teachers without a thinking mode
+    distill_sources: list[DatasetSource] = []  # questions to distill: weight is the fraction kept, max_samples a cap
+    distill_attempts: int = Field(4, ge=1)  # k sampled attempts per question before it is rejected
+    distill_keep_unverified: bool = False  # keep questions without a gold answer, marked unverified
+    distill_max_new_tokens: int = Field(2048, gt=0)  # teacher budget for reasoning + answer
+    distill_temperature: float = Field(0.6, gt=0)  # sampled attempts (R1-style teachers are tuned for 0.6)
+    distill_top_p: float = Field(0.95, gt=0, le=1)
     # model loading (TRL ModelConfig names)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 where supported, fp32 on CPU
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -159,6 +190,37 @@ class Recipe(BaseModel):
     save_total_limit: int | None = Field(2, gt=0)
     load_best_model_at_end: bool = True  # by eval_loss
     report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]  # wandb reads WANDB_API_KEY from the environment
+    # export (05): merge into a full-precision base, HF -> GGUF, llama.cpp quantization, verification, deployment files
+    export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # merge precision; auto: same rule as dtype
+    gguf_outtype: Literal["f16", "bf16"] = "f16"  # the unquantized GGUF every quantization starts from
+    gguf_quant_types: list[str] = ["Q4_K_M", "Q5_K_M", "Q8_0"]  # llama.cpp types; checked against llama_cpp by stage 05
+    gguf_agreement_tokens: int = Field(32, gt=0)  # greedy tokens per showcase prompt compared with the merged HF model
+    push_to_hub: bool = False  # upload adapter, merged model and GGUFs; the token comes from HF_TOKEN only
+    hub_model_id: str | None = Field(None, validate_default=True)  # org/name of the model repository (needed by push_to_hub)
+
+    @field_validator("gguf_quant_types")
+    @classmethod
+    def _quant_types_ok(cls, values: list[str]) -> list[str]:
+        # Names only: the installed llama.cpp's list is authoritative and stage 05 checks it; recipes must validate
+        # on machines without the gguf extra.
+        names = [v.strip().upper() for v in values]
+        for name in names:
+            if not re.fullmatch(r"[A-Z0-9_]+", name):
+                raise ValueError(f"'{name}' is not a llama.cpp quantization type name (e.g. Q4_K_M, Q5_K_M, Q8_0)")
+            if name in ("F16", "BF16", "F32"):
+                raise ValueError(f"{name} is not a quantization; the unquantized file's type is gguf_outtype")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate types in {names}")
+        return names
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _hub_model_id_ok(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("push_to_hub"):
+            raise ValueError("push_to_hub is true, so a model repository is needed (expected org/name)")
+        if value is not None and not HUB_ID.match(value):
+            raise ValueError(f"'{value}' is not a hub repository id (expected org/name)")
+        return value
 
     @field_validator("val_size", "test_size")
     @classmethod
@@ -166,6 +228,19 @@ class Recipe(BaseModel):
         if value >= 1 and value != int(value):
             raise ValueError("a size of 1 or more is a count and must be a whole number")
         return value
+
+    @model_validator(mode="after")
+    def _distillation_consistent(self) -> Recipe:
+        uses_distilled = any(s.path == DISTILLED for s in self.dataset_mixture)
+        if uses_distilled and not self.distillation:
+            raise ValueError(f"dataset_mixture lists {DISTILLED}, which stage 00b writes only with distillation: true")
+        if self.distillation and not self.teacher_model:
+            raise ValueError("distillation is true, so teacher_model is needed (a hub id, local directory, embedded:NAME or .gguf file)")
+        if self.distillation and not self.distill_sources:
+            raise ValueError("distillation is true, so distill_sources must list the questions to distill")
+        if any(s.path == DISTILLED for s in [*self.eval_datasets, *self.distill_sources]):
+            raise ValueError(f"{DISTILLED} is training data; it cannot be an eval set or a distill source")
+        return self
 
     @model_validator(mode="after")
     def _splits_fit(self) -> Recipe:
@@ -254,6 +329,9 @@ SMOKE_BATCH = 2  # sequences per forward pass on a laptop CPU
 SMOKE_ACCUMULATION = 2  # forward passes per step: still exercises accumulation, 2 x 2 x 3 = 12 sequences in all
 SMOKE_SPLIT_COUNT = 8  # split counts (e.g. the seeds' 1000-item test sets) shrink to this
 SMOKE_NEW_TOKENS = 32
+SMOKE_DISTILL_QUESTIONS = 4  # per distill source
+SMOKE_DISTILL_ATTEMPTS = 2
+SMOKE_DISTILL_NEW_TOKENS = 64
 
 
 def cuda_only_settings(cfg: Recipe) -> dict[str, Any]:
@@ -271,9 +349,11 @@ def cuda_only_settings(cfg: Recipe) -> dict[str, Any]:
     return mapped
 
 
-def _smoke_source(source: DatasetSource) -> DatasetSource:
+def _smoke_source(source: DatasetSource, cap: int | None = None) -> DatasetSource:
     from .data import detect_format, read_items, reference_file
 
+    if source.path == DISTILLED:
+        return source
     fmt = source.format
     if fmt == "auto":
         path = reference_file(source.path)
@@ -283,7 +363,26 @@ def _smoke_source(source: DatasetSource) -> DatasetSource:
         fmt = detect_format(item, keyed=key is not None)
     stand_in = SMOKE_DATA[fmt]
     truth = "bundled:pubmedqa-ground-truth" if source.ground_truth else None
-    return source.model_copy(update={"path": stand_in, "config": None, "ground_truth": truth, "name": source.label})
+    update = {"path": stand_in, "config": None, "ground_truth": truth, "name": source.label}
+    if cap is not None:
+        update["max_samples"] = min(source.max_samples or cap, cap)
+    return source.model_copy(update=update)
+
+
+def _smoke_distillation(cfg: Recipe) -> dict[str, Any]:
+    """The embedded model as a llama.cpp teacher on a handful of questions, with short, few attempts."""
+    from .models import DEFAULT_MODEL
+
+    changes = {"teacher_model": DEFAULT_MODEL, "teacher_backend": "llamacpp", "teacher_load_in_4bit": False,
+               "distill_sources": [_smoke_source(s, SMOKE_DISTILL_QUESTIONS) for s in cfg.distill_sources],
+               "distill_attempts": min(cfg.distill_attempts, SMOKE_DISTILL_ATTEMPTS),
+               "distill_max_new_tokens": min(cfg.distill_max_new_tokens, SMOKE_DISTILL_NEW_TOKENS)}
+    if all(s.path == DISTILLED for s in cfg.dataset_mixture):
+        # The tiny teacher's answers are rarely right, so a distilled-only mixture could leave stage 03 nothing to
+        # train on: the distill sources' own (answer-only, hence no reasoning-length filter) items are trained on too.
+        changes["dataset_mixture"] = [*cfg.dataset_mixture, *(_smoke_source(s) for s in cfg.distill_sources)]
+        changes["min_cot_chars"] = 0
+    return changes
 
 
 def smoke(cfg: Recipe) -> tuple[Recipe, list[str]]:
@@ -308,8 +407,12 @@ def smoke(cfg: Recipe) -> tuple[Recipe, list[str]]:
         if getattr(cfg, key) >= 1:
             changes[key] = min(getattr(cfg, key), SMOKE_SPLIT_COUNT)
     changes.update(cuda_only_settings(cfg))
+    if cfg.distillation:
+        changes.update(_smoke_distillation(cfg))
+    if cfg.push_to_hub:  # a smoke model never goes to the recipe's hub repository
+        changes["push_to_hub"] = False
     # 16-bit weights load and run on a CPU, but most CPUs compute them far slower than fp32.
-    for key in ("dtype", "bnb_4bit_compute_dtype"):
+    for key in ("dtype", "bnb_4bit_compute_dtype", "export_dtype"):
         if getattr(cfg, key) in ("bfloat16", "float16"):
             changes[key] = "float32"
     log = [f"smoke: {key} {_short(getattr(cfg, key))} -> {_short(value)}" for key, value in changes.items()

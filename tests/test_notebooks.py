@@ -89,3 +89,20 @@ def test_no_sys_path_editing_or_secrets_in_parameters(path):
 def test_recipe_keys_are_yaml_literals_papermill_can_inject():
     demo = yaml.safe_load(Path("params/cpu-demo.yaml").read_text())
     assert set(demo) <= set(recipe.Recipe.model_fields)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_papermill_documents_every_parameter(path):
+    """`papermill --help-notebook` lists each parameter; a line its parser cannot read is silently missing there."""
+    from papermill.translators import PythonTranslator
+
+    source = code(parameters_cell(path)[0])
+    assert len(PythonTranslator.inspect({"source": source})) == len([line for line in source.splitlines() if line.strip()])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_no_import_shadows_a_parameter(path):
+    """`recipe.from_namespace(globals())` reads parameters by name, so an import must not reuse one."""
+    imported = {alias.asname or alias.name for cell in cells(path) if cell["cell_type"] == "code"
+                for node in ast.walk(ast.parse(code(cell))) if isinstance(node, ast.ImportFrom | ast.Import) for alias in node.names}
+    assert not imported & set(recipe.Recipe.model_fields), f"{path}: {imported & set(recipe.Recipe.model_fields)}"

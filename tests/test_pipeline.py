@@ -9,7 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 # Real training, kept short: 2 optimizer steps of 2 x 2 sequences, evaluated and checkpointed once.
-FAST = ["-p", "max_steps", "2", "-p", "eval_steps", "2", "-p", "save_steps", "2", "-p", "max_new_tokens", "8"]
+FAST = ["-p", "max_steps", "2", "-p", "eval_steps", "2", "-p", "save_steps", "2", "-p", "max_new_tokens", "8",
+        "-p", "distill_max_new_tokens", "48", "-p", "gguf_agreement_tokens", "8", "-p", "gguf_quant_types", "[Q4_K_M]"]
 
 
 def medcot(*args, check=True):
@@ -28,9 +29,9 @@ def finished_run(tmp_path_factory):
 
 def test_stage_00_writes_data_metrics_figure_and_manifest(finished_run):
     run_dir, result = finished_run
-    for line in ("[1/4] 00_dataset_inspection: done in", "[2/4] 01_baseline: done in", "[3/4] 02_quantize: done in",
-                 "[4/4] 03_qlora_train: done in"):
-        assert line in result.stdout
+    stages = sorted(p.stem for p in Path("notebooks").glob("[0-9][0-9]*_*.ipynb"))
+    for number, stage in enumerate(stages, start=1):
+        assert f"[{number}/{len(stages)}] {stage}: done in" in result.stdout
     for name in ["01_baseline.ipynb", "generations/01_baseline.jsonl", "metrics/01_baseline.json", "figures/01_new_tokens.png",
                  "02_quantize.ipynb", "quantized/config.json", "metrics/02_quantize.json", "figures/02_memory.png",
                  "03_qlora_train.ipynb", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
@@ -51,8 +52,58 @@ def test_stage_00_writes_data_metrics_figure_and_manifest(finished_run):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["parameters"]["seed"] == 7
     assert manifest["versions"]["transformers"] and manifest["hardware"]["cpu_count"]
+    assert manifest["data"].pop("run:distilled").startswith("written by stage 00b")
+    assert set(manifest["data"]) >= {"bundled:medical-o1", "bundled:medmcqa-converted"}
     assert all(v.startswith("sha256:") for v in manifest["data"].values())
-    assert {s["status"] for s in manifest["stages"].values()} == {"done"} and len(manifest["stages"]) == 4
+    assert {s["status"] for s in manifest["stages"].values()} == {"done"} and len(manifest["stages"]) == len(stages)
+
+
+def test_stage_00b_distils_and_stage_05_exports_in_the_full_run(finished_run):
+    run_dir, _ = finished_run
+    for name in ["00b_teacher_cot.ipynb", "distill/cache.jsonl", "distill/distilled.json", "distill/stats.json",
+                 "metrics/00b_teacher_cot.json", "05_gguf_export.ipynb", "export/merged/config.json",
+                 "metrics/05_gguf_export.json"]:
+        assert (run_dir / name).is_file(), name
+    stats = json.loads((run_dir / "distill/stats.json").read_text())
+    assert stats["questions"] == 6 and stats["teacher"].startswith("llamacpp:SmolLM2")
+    cache = (run_dir / "distill/cache.jsonl").read_text().splitlines()
+    assert 6 <= len(cache) <= 12  # one to two attempts per question, every generation kept
+    exported = json.loads((run_dir / "metrics/05_gguf_export.json").read_text())
+    assert not exported["flagged"] and len(exported["files"]) == 2  # the F16 file and Q4_K_M
+    assert all(Path(path).is_file() for path in exported["files"].values())
+
+
+def test_stage_04_scores_both_models_on_every_item_with_cis(finished_run):
+    run_dir, _ = finished_run
+    for name in ["04_adapter_eval.ipynb", "eval/generations.jsonl", "eval/metrics.json", "eval/report.md",
+                 "eval/side_by_side.md", "eval/side_by_side.html", "figures/04_accuracy.png", "figures/04_reasoning_tokens.png",
+                 "figures/04_loss.png", "metrics/04_adapter_eval.json"]:
+        assert (run_dir / name).is_file(), name
+    sets = json.loads((run_dir / "eval/metrics.json").read_text())["sets"]
+    assert {k: v["n"] for k, v in sets.items()} == {"medqa": 20, "pubmedqa": 12, "heldout": 15}
+    rows = [json.loads(line) for line in (run_dir / "eval/generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * (20 + 12 + 15)  # nothing dropped, both models
+    for name, entry in sets.items():
+        for model in ("base", "fine-tuned"):
+            headline = entry[model][entry["headline"]]
+            assert headline["low"] <= headline["value"] <= headline["high"] and headline["n"] == entry["n"]
+            wrong = sum(r["status"] != "ok" for r in rows if r["set"] == name and r["model"] == model)
+            if entry["kind"] != "open":
+                assert entry[model]["extraction_failure_rate"]["value"] == pytest.approx(wrong / entry["n"])
+    assert sets["medqa"]["difference"]["accuracy"]["test"] == "mcnemar-exact"
+    board = (run_dir.parent / "leaderboard.csv").read_text().splitlines()
+    assert sum(line.startswith("cpu-demo,") for line in board) == 3  # one headline row per eval set
+
+
+def test_stage_04_rerun_with_greedy_decoding_gives_identical_metrics(finished_run):
+    from medcot_lib import evaluate, recipe
+
+    run_dir, _ = finished_run
+    cfg = recipe.load("params/cpu-demo.yaml", {"seed": 7, "max_new_tokens": 8})
+    sets = evaluate.load_eval_sets(cfg, run_dir)
+    generations = evaluate.generate_both(cfg, run_dir, sets, progress=False)
+    summary = evaluate.summarise(sets, evaluate.score_all(sets, generations), cfg.bootstrap_resamples)
+    assert summary == json.loads((run_dir / "eval/metrics.json").read_text())["sets"]
 
 
 def test_executed_notebook_carries_outputs_and_the_injected_recipe(finished_run):

@@ -96,7 +96,10 @@ def test_prepare_cpu_demo_accounts_for_every_item():
     assert prepared.steps[0].before == loaded
     for earlier, later in zip(prepared.steps[:3], prepared.steps[1:4], strict=True):
         assert later.before == earlier.after
-    assert sum(len(v) for v in prepared.splits.values()) == prepared.steps[-1].after
+    mixture = [s for s in prepared.steps if s.step == "mixture"]
+    assert sum(len(v) for v in prepared.splits.values()) == sum(s.after for s in mixture)
+    (pending,) = [s for s in prepared.steps if s.step == "empty source"]  # run:distilled, before stage 00b
+    assert pending.source == "distilled" and pending.after == 0
     assert set(prepared.eval_sets) == {"medqa", "pubmedqa"}
     again = data.prepare(cfg)
     assert {k: [r.id for r in v] for k, v in again.splits.items()} == {k: [r.id for r in v] for k, v in prepared.splits.items()}

@@ -37,8 +37,11 @@ def test_smoke_keeps_the_method_and_maps_only_what_it_must():
     assert {k: getattr(smoked, k) for k in kept} == {k: getattr(cfg, k) for k in kept}
     assert smoked.model_name_or_path == models.DEFAULT_MODEL and smoked.optim == "adamw_torch"
     assert (smoked.per_device_train_batch_size, smoked.gradient_accumulation_steps) == (2, 2)  # from 8 x 4
-    assert [s.path for s in smoked.dataset_mixture] == ["bundled:medqa", "bundled:pubmedqa"]
-    assert [s.weight for s in smoked.dataset_mixture] == [0.5, 0.1]
+    # The seed trains on distilled reasoning; the embedded teacher is rarely right, so the sources' answers back it up.
+    assert [s.path for s in smoked.dataset_mixture] == ["run:distilled", "bundled:medqa", "bundled:pubmedqa"]
+    assert [s.weight for s in smoked.dataset_mixture] == [1.0, 0.5, 0.1]
+    assert (smoked.teacher_model, smoked.teacher_backend, smoked.distill_attempts) == (models.DEFAULT_MODEL, "llamacpp", 2)
+    assert [s.max_samples for s in smoked.distill_sources] == [recipe.SMOKE_DISTILL_QUESTIONS] * 2
     assert "smoke: optim 'paged_adamw_32bit' -> 'adamw_torch'" in log and "smoke: tf32 True -> False" in log
     assert all(line.startswith("smoke: ") for line in log)
     models.check_hardware(smoked)  # nothing CUDA-only is left
@@ -49,11 +52,16 @@ def test_smoke_keeps_the_method_and_maps_only_what_it_must():
 def test_every_seed_recipe_smoke_runs_stages_00_to_03(path, tmp_path):
     run_dir = tmp_path / "smoke"
     result = subprocess.run([sys.executable, "-m", "medcot_lib", "run", str(path), "--smoke", "--run-dir", str(run_dir),
-                             "--stages", "00", "01", "02", "03"], capture_output=True, text=True)
+                             "--stages", "00", "00b", "01", "02", "03"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "smoke: model_name_or_path" in result.stdout
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    distilling = recipe.load(path).distillation
+    assert manifest["stages"].pop("00b_teacher_cot")["status"] == ("done" if distilling else "skipped")
     assert manifest["smoke"] and {s["status"] for s in manifest["stages"].values()} == {"done"}
+    if distilling:
+        stats = json.loads((run_dir / "distill" / "stats.json").read_text())
+        assert stats["questions"] > 0 and stats["teacher"].startswith("llamacpp:")
     adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     cfg = recipe.load(path)
     assert adapter["use_dora"] == cfg.use_dora and adapter["r"] == cfg.lora_r

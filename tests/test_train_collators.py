@@ -43,11 +43,21 @@ def test_truncation_is_counted(tokenizer):
     assert result.truncated == 4 and all(len(r["input_ids"]) == 64 for r in result.rows)
 
 
-def test_packed_logits_equal_unpacked_logits(model, rows):
-    packed = train.PackingCollator()(rows)
+@pytest.fixture(scope="module")
+def packed_model():
+    model = AutoModelForCausalLM.from_pretrained(models.resolve(models.DEFAULT_MODEL), attn_implementation="sdpa").eval()
+    assert train.use_packed_attention(model)
+    return model
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample-attention", "block-mask"])
+def test_packed_logits_equal_unpacked_logits(model, packed_model, rows, per_sample):
+    packed = train.PackingCollator(boundaries=per_sample)(rows)
     assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))  # no padding at all
+    assert ("attention_mask" in packed) != per_sample and ("cu_seq_lens_q" in packed) == per_sample
+    chosen = packed_model if per_sample else model
     with torch.no_grad():
-        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+        packed_logits = chosen(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
         start = 0
         for row in rows:
             alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
@@ -65,10 +75,16 @@ def test_positions_alone_would_leak_across_samples(model, rows):
     assert (leaky[len(rows[0]["input_ids"]):] - alone).abs().max() > 1.0
 
 
-def test_packed_loss_equals_padded_loss(model, tokenizer, rows):
+def test_packed_loss_equals_padded_loss(packed_model, tokenizer, rows):
     packed = train.PackingCollator()(rows)
     padded = train.PaddingCollator(tokenizer.pad_token_id)(rows)
     with torch.no_grad():
-        loss_packed = model(**packed).loss
-        loss_padded = model(**padded).loss
+        loss_packed = train.loss(packed_model, packed)
+        loss_padded = train.loss(packed_model, padded)  # ordinary batches take plain sdpa with its padding mask
     assert torch.isclose(loss_packed, loss_padded, atol=1e-4)
+
+
+def test_packed_attention_leaves_generation_alone(model, packed_model, tokenizer):
+    ids = tokenizer(["The anemia of chronic disease", "A"], return_tensors="pt", padding=True, padding_side="left")
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    assert torch.equal(model.generate(**ids, **settings), packed_model.generate(**ids, **settings))
