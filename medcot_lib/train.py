@@ -90,11 +90,12 @@ def use_packed_attention(model) -> bool:
 class PackingCollator:
     """Concatenate a batch's samples into one row: no padding, and no attention across samples.
 
-    With `boundaries` (flash-attention or per-sample sdpa) the samples' start offsets travel as
-    `cu_seq_lens_*`; otherwise a block-diagonal causal mask isolates them (eager attention).
+    With `boundaries` the samples' start offsets travel as `cu_seq_lens_*`, which only an attention
+    that reads them isolates (`use_packed_attention`); plain sdpa would let samples attend to each
+    other, so the default is the block-diagonal causal mask, exact with any attention.
     """
 
-    def __init__(self, boundaries: bool = True):
+    def __init__(self, boundaries: bool = False):
         self.boundaries = boundaries
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
