@@ -757,13 +757,17 @@ def save_prepared(prepared: Prepared, run_dir: str | Path) -> Path:
     return data_dir
 
 
+def read_records(path: str | Path) -> list[Record]:
+    """Records from a JSONL file that save_prepared wrote (an empty file holds none)."""
+    return [Record.from_dict(row) for _, _, row in read_items(path)] if Path(path).stat().st_size else []
+
+
 def load_prepared_eval(run_dir: str | Path) -> dict[str, list[Record]]:
     """Read the whole eval sets that stage 00 wrote (decontamination checks against all of them)."""
     eval_dir = Path(run_dir) / "data" / "eval"
     if not (Path(run_dir) / "data" / "report.json").is_file():
         raise MedcotError(f"{Path(run_dir) / 'data'}: no prepared data; run stage 00 (dataset inspection) first")
-    return {path.stem: [Record.from_dict(row) for _, _, row in read_items(path)]
-            for path in sorted(eval_dir.glob("*.jsonl")) if path.stat().st_size}
+    return {path.stem: records for path in sorted(eval_dir.glob("*.jsonl")) if (records := read_records(path))}
 
 
 def load_prepared(run_dir: str | Path) -> dict[str, list[Record]]:
@@ -771,5 +775,4 @@ def load_prepared(run_dir: str | Path) -> dict[str, list[Record]]:
     data_dir = Path(run_dir) / "data"
     if not (data_dir / "train.jsonl").exists():
         raise MedcotError(f"{data_dir}: no prepared data; run stage 00 (dataset inspection) first")
-    return {name: [Record.from_dict(row) for _, _, row in read_items(data_dir / f"{name}.jsonl")]
-            for name in ("train", "val", "test") if (data_dir / f"{name}.jsonl").stat().st_size}
+    return {name: records for name in ("train", "val", "test") if (records := read_records(data_dir / f"{name}.jsonl"))}

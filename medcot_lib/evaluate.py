@@ -13,10 +13,10 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import generate, metrics, models, prompts
+from . import export, generate, metrics, models, prompts
 from .answers import extract, well_formed
 from .baseline import SHOWCASE
-from .data import YES_NO_MAYBE, Record, read_items
+from .data import YES_NO_MAYBE, Record, read_items, read_records
 from .errors import MedcotError, input_error
 from .fileio import read_json, write_json, write_jsonl, write_text
 
@@ -77,10 +77,6 @@ def subsample(records: list[Record], size: int | None, seed: int, name: str) -> 
     return [records[i] for i in chosen]
 
 
-def _read_records(path: Path) -> list[Record]:
-    return [Record.from_dict(row) for _, _, row in read_items(path)] if path.stat().st_size else []
-
-
 def load_eval_sets(cfg, run_dir: str | Path) -> list[EvalSet]:
     """The recipe's eval sets as stage 00 wrote them, subsampled where max_samples asks, plus the held-out split."""
     data_dir = Path(run_dir) / "data"
@@ -89,7 +85,7 @@ def load_eval_sets(cfg, run_dir: str | Path) -> list[EvalSet]:
         path = data_dir / "eval" / f"{source.label}.jsonl"
         if not path.is_file():
             raise MedcotError(f"{path}: eval set '{source.label}' was not prepared; run stage 00 (dataset inspection) first")
-        records = _read_records(path)
+        records = read_records(path)
         kind = check_eval_set(source.label, records, path, open_allowed=False)
         chosen = subsample(records, source.max_samples, cfg.eval_subsample_seed, source.label)
         sets.append(EvalSet(source.label, kind, chosen, len(records), str(path)))
@@ -97,7 +93,7 @@ def load_eval_sets(cfg, run_dir: str | Path) -> list[EvalSet]:
         path = data_dir / "test.jsonl"
         if not path.is_file():
             raise MedcotError(f"{path}: no held-out split; run stage 00 (dataset inspection) first")
-        records = _read_records(path)
+        records = read_records(path)
         if records:
             # The held-out items are open-ended questions with a reference response, whatever their source.
             records = [Record(r.id, r.source, r.question, r.answer, r.reasoning, r.context) for r in records]
@@ -116,13 +112,6 @@ def set_table(sets: list[EvalSet]):
 
 
 # --------------------------------------------------------------------------- generation
-
-
-def _adapter_dir(run_dir: str | Path) -> Path:
-    adapter = Path(run_dir) / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise MedcotError(f"{adapter}: no trained adapter; run stage 03 (QLoRA train) first")
-    return adapter
 
 
 def check_adapter_fits(cfg, adapter: Path) -> None:
@@ -157,7 +146,7 @@ def reusable_baseline(cfg, run_dir: str | Path, four_bit: bool) -> dict[str, gen
 
 def _hf_generations(cfg, run_dir, records: list[Record], tokenizer, progress: bool) -> dict[str, list[generate.Generation]]:
     """Base and base + adapter from one loaded model: the adapter is switched off for the base."""
-    adapter = _adapter_dir(run_dir)
+    adapter = export.adapter_dir(run_dir)
     check_adapter_fits(cfg, adapter)
     style, decoding = prompts.PromptStyle.from_recipe(cfg), generate.Decoding.from_recipe(cfg)
     model = _attach_adapter(models.load_model(cfg), adapter)
@@ -175,9 +164,7 @@ def _hf_generations(cfg, run_dir, records: list[Record], tokenizer, progress: bo
 
 def _llamacpp_generations(cfg, run_dir, records, tokenizer, progress) -> dict[str, list[generate.Generation]]:
     """F16 GGUFs of the base and of the merged model, run by llama.cpp with the same rendered prompts."""
-    from . import export
-
-    _adapter_dir(run_dir)
+    export.adapter_dir(run_dir)
     gguf_dir = Path(run_dir) / "eval" / "gguf"
     base = gguf_dir / "base-f16.gguf"
     if not base.is_file():
@@ -202,7 +189,7 @@ def _vllm_generations(cfg, run_dir, records, tokenizer, progress) -> dict[str, l
         raise MedcotError("eval_backend: vllm needs a CUDA GPU and the vllm package; use hf (exact) or llamacpp (fast on CPU)")
     if cfg.use_dora:
         raise MedcotError("eval_backend: vllm does not serve DoRA adapters; use hf")
-    adapter = _adapter_dir(run_dir)
+    adapter = export.adapter_dir(run_dir)
     check_adapter_fits(cfg, adapter)
     style, decoding = prompts.PromptStyle.from_recipe(cfg), generate.Decoding.from_recipe(cfg)
     return {**generate.generate_vllm(cfg, adapter, tokenizer, records, style, decoding), "reused_from_01": 0}

@@ -38,6 +38,7 @@ from .baseline import SHOWCASE
 from .data import Record
 from .errors import MedcotError
 from .fileio import atomic_dir, atomic_path, read_json, write_text
+from .generate import stop_ids
 from .llamacpp import LLAMA_THREADS
 
 EXPORT_DIR = "export"
@@ -542,13 +543,6 @@ def tensor_type_table(files: dict[str, Path]):
 # --------------------------------------------------------------------------- verification
 
 
-def _stop_ids(tokenizer, generation_config) -> list[int]:
-    ids = generation_config.eos_token_id if generation_config is not None else None
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    ids.add(tokenizer.eos_token_id)
-    return sorted(i for i in ids if i is not None)
-
-
 def _messages(record: Record, style: prompts.PromptStyle) -> list[dict]:
     system = [{"role": "system", "content": style.system_prompt}] if style.system_prompt else []
     return system + [{"role": "user", "content": prompts.user_message(record)}]
@@ -586,7 +580,7 @@ def _hf_reference(cfg, merged: Path, tokenizer, style, records: list[Record], he
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code).to(device).eval()
-    stop = _stop_ids(tokenizer, model.generation_config)
+    stop = stop_ids(tokenizer, model.generation_config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     greedy, generated, seconds = [], 0, 0.0
     for prompt, ids in _prompts(records, tokenizer, style):
@@ -953,7 +947,7 @@ def modelfile(cfg, run_dir: str | Path, gguf_file: str | Path) -> str:
              f'TEMPLATE """{ollama_template(tokenizer, style, strip_bos=strip_bos)}"""']
     if style.system_prompt and style.name != "instruction":
         lines.append(f'SYSTEM """{_go_literal(style.system_prompt)}"""')
-    lines += [f'PARAMETER stop "{text}"' for text in stop_strings(tokenizer, style, _stop_ids(tokenizer, generation))]
+    lines += [f'PARAMETER stop "{text}"' for text in stop_strings(tokenizer, style, stop_ids(tokenizer, generation))]
     if not cfg.do_sample:
         lines.append("# The recipe decodes greedily (do_sample: false); these are its sampling settings for chat use.")
     lines += [f"PARAMETER temperature {cfg.temperature}", f"PARAMETER top_p {cfg.top_p}"]

@@ -52,8 +52,9 @@ class Generation:
         return asdict(self)
 
 
-def _stop_ids(tokenizer, model) -> list[int]:
-    ids = model.generation_config.eos_token_id
+def stop_ids(tokenizer, generation_config) -> list[int]:
+    """Token ids that end a generation: the generation config's EOS ids and the tokenizer's."""
+    ids = generation_config.eos_token_id if generation_config is not None else None
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     ids.add(tokenizer.eos_token_id)
     return sorted(i for i in ids if i is not None)
@@ -65,7 +66,7 @@ def generate(model, tokenizer, records: list[Record], style: prompts.PromptStyle
 
     texts, encoded = _rendered_ids(records, tokenizer, style)
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
-    stop = _stop_ids(tokenizer, model)
+    stop = stop_ids(tokenizer, model.generation_config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     results: list[Generation | None] = [None] * len(records)
     torch.manual_seed(decoding.seed)

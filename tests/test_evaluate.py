@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from medcot_lib import evaluate, leaderboard
+from medcot_lib import evaluate, export, leaderboard
 from medcot_lib.data import Record
 from medcot_lib.errors import MedcotError
 from medcot_lib.generate import Generation
@@ -137,6 +137,6 @@ def test_missing_stage_outputs_say_which_stage_to_run(tmp_path):
     with pytest.raises(MedcotError, match="run stage 00"):
         evaluate.load_eval_sets(cfg, tmp_path)
     with pytest.raises(MedcotError, match="run stage 03"):
-        evaluate._adapter_dir(tmp_path)
+        export.adapter_dir(tmp_path)
     with pytest.raises(MedcotError, match="run stage 03"):
         evaluate.training_log(tmp_path)
