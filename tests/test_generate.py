@@ -67,3 +67,25 @@ def test_footprints_shrink_with_precision(cfg):
     assert [r["precision"] for r in rows] == ["fp32", "bf16", "4-bit nf4"]
     assert rows[0]["bytes"] > rows[1]["bytes"] > rows[2]["bytes"]
     assert rows[1]["vs fp32"] == 2.0
+
+
+@pytest.fixture(scope="module")
+def base_gguf(cfg, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from medcot_lib import export
+
+    return export.to_gguf(export.base_checkpoint(cfg), tmp_path_factory.mktemp("gguf") / "base-F16.gguf", "f16")
+
+
+def test_parallel_llama_cpp_generation_equals_hf_token_for_token(cfg, model, tokenizer, base_gguf):
+    """Eight prompts through 3 parallel slots: slots are refilled as sequences end, and the last ones run on with
+    scattered sequence ids; every output must still be HF's greedy output (F16 weights, isolated KV cells)."""
+    mcq, _ = load_source(DatasetSource(path="bundled:medqa"))
+    records = (mcq * 2)[:8]
+    style = prompts.PromptStyle.from_recipe(cfg)
+    hf = generate.generate(model, tokenizer, records, style, decoding(max_new_tokens=24, batch_size=1), progress=False)
+    llama = generate.generate_gguf(base_gguf, tokenizer, records, style, decoding(max_new_tokens=24, batch_size=3),
+                                   progress=False)
+    assert [g.id for g in llama] == [r.id for r in records]
+    assert [g.output for g in llama] == [g.output for g in hf]
+    assert [(g.new_tokens, g.stopped) for g in llama] == [(g.new_tokens, g.stopped) for g in hf]

@@ -76,15 +76,72 @@ def test_positions_alone_would_leak_across_samples(model, rows):
 
 
 def test_packed_loss_equals_padded_loss(packed_model, tokenizer, rows):
-    packed = train.PackingCollator()(rows)
+    packed = train.PackingCollator(boundaries=True)(rows)
     padded = train.PaddingCollator(tokenizer.pad_token_id)(rows)
     with torch.no_grad():
-        loss_packed = train.loss(packed_model, packed)
-        loss_padded = train.loss(packed_model, padded)  # ordinary batches take plain sdpa with its padding mask
+        loss_packed = train.labelled_loss(packed_model, packed).loss
+        loss_padded = train.labelled_loss(packed_model, padded).loss  # ordinary batches take plain sdpa with its padding mask
     assert torch.isclose(loss_packed, loss_padded, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def adapted():
+    """A LoRA model with the adapter on lm_head too, its B matrices nudged off zero so every path carries gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(models.resolve(models.DEFAULT_MODEL), attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "down_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_labelled_loss_equals_the_models_own_loss_and_gradients(adapted, tokenizer, rows, monkeypatch, layout):
+    """Output layer only at labelled positions, tiled and recomputed in backward: same loss, same gradients."""
+    monkeypatch.setattr(train, "LOSS_TILE", 100)  # several tiles, the last one partial
+    collate = train.PackingCollator() if layout == "packed" else train.PaddingCollator(tokenizer.pad_token_id)
+    batch = collate(rows)
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+
+    def loss_and_grads(compute):
+        adapted.zero_grad()
+        value = compute()
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in trainable]
+
+    own, own_grads = loss_and_grads(lambda: adapted(**batch).loss)
+    result = train.labelled_loss(adapted, batch)
+    ours, our_grads = loss_and_grads(lambda: train.labelled_loss(adapted, batch).loss)
+    assert torch.isclose(own, ours, atol=1e-5)
+    assert result.labelled == int((batch["labels"][:, 1:] != train.IGNORE_INDEX).sum()) > 2 * 100
+    assert 0 < result.correct < result.labelled
+    for a, b in zip(own_grads, our_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-3)
+    assert any(g.abs().sum() > 0 for name, g in zip([n for n, p in adapted.named_parameters() if p.requires_grad], our_grads,
+                                                   strict=True) if "lm_head" in name)
+
+
+def test_labelled_loss_divides_by_the_accumulated_token_count(adapted, rows):
+    batch = train.PackingCollator()(rows)
+    with torch.no_grad():
+        mean = train.labelled_loss(adapted, batch)
+        summed = train.labelled_loss(adapted, batch, num_items_in_batch=1)
+    assert torch.isclose(summed.loss, mean.loss * mean.labelled, rtol=1e-5)
 
 
 def test_packed_attention_leaves_generation_alone(model, packed_model, tokenizer):
     ids = tokenizer(["The anemia of chronic disease", "A"], return_tensors="pt", padding=True, padding_side="left")
     settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     assert torch.equal(model.generate(**ids, **settings), packed_model.generate(**ids, **settings))
+
+
+def test_a_batch_without_labelled_tokens_gives_a_zero_loss_that_backpropagates(adapted, rows):
+    batch = train.PackingCollator()(rows)
+    batch["labels"][:] = train.IGNORE_INDEX
+    result = train.labelled_loss(adapted, batch)
+    result.loss.backward()
+    assert result.loss.item() == 0.0 and result.labelled == 0

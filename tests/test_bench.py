@@ -1,0 +1,131 @@
+"""The benchmark's method (alternation, statistics, fits), its README table, and a tiny run of the command.
+
+A benchmark is not a test: only `--quick` runs here, to check that the command works and writes its results.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from medcot_lib import bench, cli
+from medcot_lib.errors import MedcotError
+
+
+def test_sides_alternate_after_one_discarded_warmup():
+    calls = []
+    sides = {name: (lambda name=name: calls.append(name) or {"seconds": len(calls)}) for name in ("A", "B")}
+    runs = bench.alternate(sides, repeats=3)
+    assert calls == ["A", "B"] * 4  # warm-up pair first, then A B three times
+    assert [r["seconds"] for r in runs["A"]] == [3, 5, 7] and [r["seconds"] for r in runs["B"]] == [4, 6, 8]
+    calls.clear()
+    bench.alternate(sides, repeats=2, warmup=False)
+    assert calls == ["A", "B", "A", "B"]
+
+
+def test_summary_is_median_and_min_max():
+    assert bench.summary([3.0, 1.0, 2.0, None]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert bench.summary([None]) is None
+    assert bench.summarize([{"s": 1.0, "ok": True, "error": "x"}, {"s": 3.0}]) == {"s": {"median": 2.0, "min": 1.0, "max": 3.0, "n": 2}}
+
+
+def test_ratio_of_medians_with_paired_range():
+    r = bench.ratio([4.0, 6.0, 5.0], [2.0, 2.0, 1.0])
+    assert r == {"median": 2.5, "min": 2.0, "max": 5.0, "n": 3}  # 5 / 2; per repetition 2, 3 and 5
+    assert bench.ratio([4.0, None], [2.0, 1.0])["n"] == 1  # a failed run drops its pair
+    assert bench.ratio([None], [1.0]) is None
+
+
+def test_power_law_fit_recovers_an_exact_exponent():
+    x = [16, 32, 64, 128]
+    fit = bench.fit_power_law(x, [3.0 * v**1.7 for v in x])
+    assert fit["exponent"] == pytest.approx(1.7, abs=1e-9) and fit["coefficient"] == pytest.approx(3.0)
+    assert fit["r2"] == pytest.approx(1.0)
+
+
+def test_targets_are_judged_on_the_median():
+    measured = {"median": 1.6, "min": 1.2, "max": 1.9}
+    assert bench.target("speed", measured, ">=", 1.5, "x")["met"]
+    assert not bench.target("seconds", 61.0, "<=", 60.0, " s")["met"]
+    assert not bench.target("missing", None, ">=", 1.0)["met"]
+
+
+def test_real_lengths_follow_the_measured_distribution():
+    lengths = sorted(bench.real_lengths(2000))
+    assert lengths[1000] == pytest.approx(bench.REAL_MEDIAN, abs=3)
+    assert lengths[100] == pytest.approx(bench.REAL_P5, abs=3) and lengths[1900] == pytest.approx(bench.REAL_P95, abs=3)
+    assert max(lengths) <= bench.REAL_MAX
+
+
+def test_padding_share_counts_pad_tokens_per_batch():
+    assert bench.padding_share([2, 4, 3, 3], batch_size=2) == pytest.approx(1 - 12 / 14)
+
+
+def test_benchmark_names():
+    assert bench.expand(None) == list(bench.BENCHMARKS) == bench.expand(["all"])
+    assert bench.expand(["scaling", "train"]) == ["train", "scaling"]
+    with pytest.raises(MedcotError, match="unknown benchmark"):
+        bench.expand(["trian"])
+
+
+def _result(name: str, quick: bool) -> dict:
+    env = {"cpu_model": "Test CPU", "hardware": {"cpu_count": 2}, "torch_threads": 2, "gpu": {"present": False}}
+    return {"schema": bench.SCHEMA, "benchmark": name, "quick": quick, "created": "2026-01-02T03:04:05+00:00",
+            "command": f"medcot bench {name} --repeats 3", "environment": env,
+            "targets": [bench.target(f"{name}: speed-up", {"median": 1.75, "min": 1.5, "max": 2.0}, ">=", 1.5, "x")]}
+
+
+def test_readme_table_round_trip(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n\n{bench.README_START}\nold\n{bench.README_END}\n\nafter\n")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "train.json").write_text(json.dumps(_result("train", quick=True)))
+    assert bench.readme_table(tmp_path / "bench") == bench.NOT_MEASURED  # quick results are never the figures
+    (tmp_path / "bench" / "generate.json").write_text(json.dumps(_result("generate", quick=False)))
+    scaling = _result("scaling", quick=False) | {"targets": [], "fits": {"examples": {"x": "examples", "exponent": 1.02, "r2": 0.999}}}
+    (tmp_path / "bench" / "scaling.json").write_text(json.dumps(scaling))
+    table = bench.readme_table(tmp_path / "bench")
+    assert "generate: speed-up" in table and "1.75x (1.5–2)" in table and "`train`" not in table
+    assert "scaling: training time ∝ examples^k" in table and "k = 1.02" in table
+    bench.update_readme(readme, tmp_path / "bench")
+    text = readme.read_text()
+    assert text.startswith("# x\n") and text.endswith(f"{bench.README_END}\n\nafter\n")
+    assert text.split(bench.README_START)[1].split(bench.README_END)[0].strip() == table
+    bench.update_readme(readme, tmp_path / "bench")
+    assert readme.read_text() == text  # rewriting is idempotent
+
+
+def test_project_readme_has_the_block():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert text.index(bench.README_START) < text.index(bench.README_END)
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    (tmp_path / "README.md").write_text("no block\n")
+    with pytest.raises(MedcotError, match="bench:start"):
+        bench.update_readme(tmp_path / "README.md", tmp_path)
+
+
+REQUIRED = {"schema", "benchmark", "quick", "command", "created", "repeats", "method", "environment", "settings", "sides",
+            "summary", "targets", "met", "history"}
+
+
+@pytest.mark.integration
+def test_quick_bench_writes_results(tmp_path, capsys):
+    assert cli.main(["bench", "train", "generate", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert "QUICK" in capsys.readouterr().out
+    for name in ("train", "generate"):
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert REQUIRED <= set(result) and result["quick"] is True and result["benchmark"] == name
+        assert {"versions", "hardware", "cpu_model", "torch_threads", "gpu"} <= set(result["environment"])
+        assert all({"figure", "target", "value", "met"} <= set(t) for t in result["targets"]) and result["targets"]
+        for side, runs in result["sides"].items():
+            assert len(runs) == 1 and "error" not in runs[0], side
+            assert math.isfinite(result["summary"][side]["tokens_per_s"]["median"])
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert {"qlora", "profile", "padding_percent", "ratios"} <= set(train)
+    assert train["qlora"]["model_footprint_gb"]["qlora"] < train["qlora"]["model_footprint_gb"]["lora"]
+    assert train["settings"]["trainer"].startswith("MedcotSFTTrainer")  # the real trainer, with its loss
+    assert (tmp_path / "generate.png").stat().st_size > 0
+    assert bench.readme_table(tmp_path) == bench.NOT_MEASURED
