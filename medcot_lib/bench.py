@@ -89,8 +89,9 @@ class Sizes:
 
 
 FULL = Sizes(
-    # One batch of 8 per timed run: ~5.4k real tokens, ~85 s packed / ~160 s padded on 2 quiet cores (checkpointed).
-    train_batch=8, train_max_length=1024, train_batches=1,
+    # Two batches of 8 per timed run (~11k real tokens; one batch is a noisy sample of the padding share):
+    # ~85 s packed, ~125-160 s padded on 2 quiet cores, checkpointed.
+    train_batch=8, train_max_length=1024, train_batches=2,
     qlora_batch=2,  # the demo recipe's batch: a 4-bit step on a CPU dequantizes every weight, so batch 8 would take minutes
     # MedQA prompts are ~290 tokens here; with 128 new tokens most greedy outputs end earlier (mean ~65).
     gen_prompts=16, gen_new_tokens=128, gen_batch_sizes=(1, 4, 16),
@@ -189,6 +190,16 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self.started
 
 
+def release_freed_memory() -> None:
+    """Hand memory that earlier runs freed back to the OS (glibc keeps it), so a run's RSS rise is its own."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory of a block: the CUDA allocator's peak on a GPU, else this process's RSS sampled every 10 ms."""
 
@@ -200,6 +211,7 @@ class PeakMemory:
         import psutil
 
         process, self._stop = psutil.Process(), threading.Event()
+        release_freed_memory()
         self.start = self.peak = process.memory_info().rss
 
         def sample():
@@ -224,7 +236,8 @@ class PeakMemory:
 def memory_kind() -> str:
     if torch.cuda.is_available():
         return "peak CUDA memory allocated by torch (VRAM); rise = above what was allocated before the run"
-    return "peak resident set size of this process, sampled every 10 ms; rise = above the RSS at the run's start"
+    return ("peak resident set size of this process (every side's model is loaded), sampled every 10 ms; rise = above the "
+            "RSS at the run's start, after freed memory was returned to the OS: what the run itself needs")
 
 
 @contextlib.contextmanager

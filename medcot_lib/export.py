@@ -39,7 +39,7 @@ from .data import Record
 from .errors import MedcotError
 from .fileio import atomic_dir, atomic_path, read_json, write_text
 from .generate import stop_ids
-from .llamacpp import LLAMA_THREADS
+from .llamacpp import llama_threads
 
 EXPORT_DIR = "export"
 INSTALL_HINT = 'pip install -e ".[gguf]" (compiles llama.cpp once, about 5 minutes on 2 cores)'
@@ -611,8 +611,9 @@ def _load_gguf(path: Path, n_ctx: int):
     llama_cpp = _llama_cpp()
     with _llama_log() as log:
         try:
-            return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False, n_threads=LLAMA_THREADS,
-                                   n_threads_batch=LLAMA_THREADS, n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0)
+            threads = llama_threads()
+            return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False, n_threads=threads,
+                                   n_threads_batch=threads, n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0)
         except ValueError as exc:
             raise MedcotError(f"{path}: llama.cpp cannot load this GGUF ({exc}):\n    {_log_tail(log)}") from exc
 

@@ -5,8 +5,13 @@ followed by the target. The loss covers the target only (reasoning, answer, end 
 `completion_only_loss` is off.
 
 Packing is padding-free: a batch is one row holding its samples back to back, with positions
-restarting at each sample and a block-diagonal causal mask. Positions alone do not isolate samples
-with sdpa or eager attention (a later sample attends to earlier ones), so the mask is required.
+restarting at each sample, and attention that stays inside each sample (per-sample sdpa on the hf
+backend, else a block-diagonal causal mask). Positions alone do not isolate samples with sdpa or
+eager attention (a later sample attends to earlier ones).
+
+On the hf backend the loss runs the 49k-wide output layer only where a label exists, in tiles
+(`labelled_loss`): prompt and padding positions cost nothing there, and the logits never exist
+for the whole batch at once.
 """
 
 from __future__ import annotations

@@ -89,3 +89,24 @@ def test_parallel_llama_cpp_generation_equals_hf_token_for_token(cfg, model, tok
     assert [g.id for g in llama] == [r.id for r in records]
     assert [g.output for g in llama] == [g.output for g in hf]
     assert [(g.new_tokens, g.stopped) for g in llama] == [(g.new_tokens, g.stopped) for g in hf]
+
+
+def test_llama_cpp_leaves_a_busy_core_alone():
+    """ggml's spinning workers stall on a core someone else holds, so llama.cpp takes only the idle ones."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from medcot_lib.llamacpp import llama_threads
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    busy = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cores[0]}}})\nwhile True: pass"])
+    try:
+        time.sleep(0.5)
+        assert 1 <= llama_threads() <= len(cores) - 1
+    finally:
+        busy.kill()
+        busy.wait()
