@@ -436,10 +436,6 @@ def _step(trainer, batch: dict) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def _parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def timed_side(side: TrainSide) -> Callable[[], dict]:
     """One timed pass over the side's batches."""
 
@@ -452,7 +448,7 @@ def timed_side(side: TrainSide) -> Callable[[], dict]:
             side.trainer.optimizer.zero_grad(set_to_none=True)
         tokens_per_s = side.real_tokens / clock.seconds
         return {"seconds": clock.seconds, "step_s": clock.seconds / len(side.batches), "tokens_per_s": tokens_per_s,
-                **memory.figures(), "mfu": mfu(_parameters(side.model), tokens_per_s)}
+                **memory.figures(), "mfu": mfu(train.trainable_parameters(side.model)["total"], tokens_per_s)}
 
     return guarded(run)
 
@@ -538,7 +534,7 @@ def bench_train(sizes: Sizes, repeats: int) -> dict:
         body = {
             "settings": {"recipe": PARAMS, "batch_size": sizes.train_batch, "max_length": sizes.train_max_length,
                          "batches_per_run": sizes.train_batches, "device": _device(),
-                         "dtype": str(next(default.model.parameters()).dtype), "parameters": _parameters(default.model),
+                         "dtype": str(next(default.model.parameters()).dtype), "parameters": train.trainable_parameters(default.model)["total"],
                          "real_tokens_per_run": default.real_tokens, "memory": memory,
                          "trainer": f"{type(default.trainer).__name__} from train.build_trainer, stepped by hand: "
                                     "training_step (loss, backward), optimizer step",

@@ -180,9 +180,9 @@ def labelled_loss(model, batch: dict[str, torch.Tensor], num_items_in_batch=None
     for start in range(0, len(targets), LOSS_TILE):
         tile = (hidden[start:start + LOSS_TILE], targets[start:start + LOSS_TILE], lm_head)
         summed, right = checkpoint(_tile_loss, *tile, use_reentrant=False) if torch.is_grad_enabled() else _tile_loss(*tile)
-        total, correct = total + summed, correct + int(right)
+        total, correct = total + summed, correct + right  # summed on the device: one sync at the end, not one per tile
     denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
-    return LabelledLoss(total / denominator, int(mask.sum()), correct)
+    return LabelledLoss(total / denominator, int(mask.sum()), int(correct))
 
 
 def fits_labelled_loss(model) -> bool:
@@ -389,10 +389,11 @@ def build_trainer(cfg, model, tokenizer, splits: dict[str, list[Record]], output
     train_rows = tokenize(splits["train"], tokenizer, style, cfg.max_length, cfg.completion_only_loss)
     eval_rows = tokenize(splits.get("val", []), tokenizer, style, cfg.max_length, cfg.completion_only_loss)
     # Unsloth replaces the attention forward itself, so only the hf backend switches to per-sample packed attention.
-    per_sample = cfg.packing and resolve_backend(cfg) == "hf" and use_packed_attention(model)
+    backend = resolve_backend(cfg)
+    per_sample = cfg.packing and backend == "hf" and use_packed_attention(model)
     collator = PackingCollator(boundaries=per_sample) if cfg.packing else PaddingCollator(tokenizer.pad_token_id)
     trainer_class = Trainer if adapts_lm_head(model) else SFTTrainer
-    if resolve_backend(cfg) == "hf":  # Unsloth brings its own fused loss
+    if backend == "hf":  # Unsloth brings its own fused loss
         trainer_class = type(f"Medcot{trainer_class.__name__}", (LabelledLossTrainer, trainer_class), {})
     trainer = trainer_class(
         model=model,
