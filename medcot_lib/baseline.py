@@ -6,9 +6,10 @@ They use the same prompt style, chat template and decoding as every later stage.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
-from . import generate, prompts
+from . import generate, models, prompts
 from .data import Record
 from .fileio import write_jsonl
 
@@ -35,12 +36,28 @@ _SHOWCASE_QUESTIONS = {
 SHOWCASE = [Record(id=key, source="showcase", question=text, answer="") for key, text in _SHOWCASE_QUESTIONS.items()]
 
 
-def run(cfg, model, tokenizer, splits: dict[str, list[Record]], run_dir: str | Path) -> list[generate.Generation]:
-    """Generate for the held-out test split and the showcase prompts; write generations/01_baseline.jsonl."""
+def run(cfg, tokenizer, splits: dict[str, list[Record]], run_dir: str | Path) -> list[generate.Generation]:
+    """Generate for the held-out test split and the showcase prompts; write generations/01_baseline.jsonl.
+
+    The backend is stage 04's (`generate.resolve_backend`), so stage 04 reuses these generations as its base side.
+    """
+    from .export import base_gguf  # export imports SHOWCASE from here
+
     records = splits.get("test", []) + SHOWCASE
-    generations = generate.generate(model, tokenizer, records, prompts.PromptStyle.from_recipe(cfg), generate.Decoding.from_recipe(cfg))
+    style, decoding = prompts.PromptStyle.from_recipe(cfg), generate.Decoding.from_recipe(cfg)
+    if generate.resolve_backend(cfg) == "llamacpp":
+        generations = generate.generate_gguf(base_gguf(cfg, run_dir), tokenizer, records, style, decoding)
+    else:  # hf, and vllm's CPU-free stand-in: the full-precision base through transformers
+        generations = generate.generate(models.load_model(cfg, four_bit=False), tokenizer, records, style, decoding)
     write_jsonl(Path(run_dir) / "generations" / "01_baseline.jsonl", (g.to_dict() for g in generations))
     return generations
+
+
+def metrics(cfg, generations: list[generate.Generation]) -> dict:
+    """What stage 01 records: backend and decoding (stage 04 reuses the generations only when both match), lengths."""
+    backend = generate.resolve_backend(cfg)
+    return {"backend": "llamacpp" if backend == "llamacpp" else "hf",
+            "decoding": asdict(generate.Decoding.from_recipe(cfg)), **generate.length_stats(generations)}
 
 
 def showcase_table(generations: list[generate.Generation]):

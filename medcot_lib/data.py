@@ -243,13 +243,35 @@ def _clean_options(options: Any, where: _Where, field_name: str = "options") -> 
     return dict(sorted(cleaned.items()))
 
 
+def _medical_o1_choices(item: dict, where: _Where) -> tuple[dict[str, str] | None, str | None]:
+    """(options, gold letter) of a medical-o1 item that also carries MedQA-style `options` and `answer_idx`.
+
+    Such items are rendered with the multiple-choice prompt that eval sets use, so training sees the
+    eval prompt's shape. Copies in the wild carry these fields in other shapes too; those items stay
+    open-ended and the load report counts them.
+    """
+    options, letter = item.get("options"), item.get("answer_idx")
+    if options is None and letter is None:
+        return None, None
+    usable = (isinstance(options, dict) and options and isinstance(letter, str) and letter in options
+              and all(isinstance(k, str) and re.fullmatch(r"[A-J]", k) and isinstance(v, str) and v.strip()
+                      for k, v in options.items()))
+    if not usable:
+        where.report.repaired["options/answer_idx not a letter-keyed object and its letter: read as open-ended"] += 1
+        return None, None
+    return _clean_options(options, where), letter
+
+
 def _norm_medical_o1(item: dict, where: _Where, n: int) -> Record:
+    options, gold = _medical_o1_choices(item, where)
     return Record(
         id=f"{where.report.source}-{n:06d}",
         source=where.report.source,
         question=where.text(item, "Question"),
         reasoning=where.text(item, "Complex_CoT"),
         answer=where.text(item, "Response"),
+        options=options,
+        gold=gold,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import export, generate, metrics, models, prompts
@@ -95,10 +95,11 @@ def load_eval_sets(cfg, run_dir: str | Path) -> list[EvalSet]:
             raise MedcotError(f"{path}: no held-out split; run stage 00 (dataset inspection) first")
         records = read_records(path)
         if records:
-            # The held-out items are open-ended questions with a reference response, whatever their source.
-            records = [Record(r.id, r.source, r.question, r.answer, r.reasoning, r.context) for r in records]
-            sets.append(EvalSet(HELD_OUT, check_eval_set(HELD_OUT, records, path, open_allowed=True), records,
-                                len(records), str(path)))
+            # Held-out items are asked exactly as training asked them (options included) and scored open-ended
+            # against the final answer training taught, whatever their source.
+            records = [replace(r, answer=prompts.final_answer(r)) for r in records]
+            check_eval_set(HELD_OUT, [replace(r, options=None, gold=None) for r in records], path, open_allowed=True)
+            sets.append(EvalSet(HELD_OUT, "open", records, len(records), str(path)))
     if not sets:
         raise MedcotError("nothing to evaluate: the recipe lists no eval_datasets and eval_test_split is false")
     return sets
@@ -134,14 +135,26 @@ def _attach_adapter(model, adapter: Path):
                           f"was it trained with another model_name_or_path?") from exc
 
 
-def reusable_baseline(cfg, run_dir: str | Path, four_bit: bool) -> dict[str, generate.Generation]:
-    """Stage 01's generations, by prompt, when they were made with this evaluation's model precision and decoding."""
+def reusable_baseline(cfg, run_dir: str | Path, backend: str) -> dict[str, generate.Generation]:
+    """Stage 01's generations, by prompt, when they were made with this evaluation's backend, precision and decoding."""
     path, stats = Path(run_dir) / "generations" / "01_baseline.jsonl", Path(run_dir) / "metrics" / "01_baseline.json"
-    if four_bit or not path.is_file() or not stats.is_file():  # 01 generates with the full-precision base
+    if (backend == "hf" and cfg.load_in_4bit) or not path.is_file() or not stats.is_file():  # 01 runs the full-precision base
         return {}
-    if read_json(stats).get("decoding") != asdict(generate.Decoding.from_recipe(cfg)):
+    made = read_json(stats)
+    if made.get("backend", "hf") != backend or made.get("decoding") != asdict(generate.Decoding.from_recipe(cfg)):
         return {}
     return {row["prompt"]: generate.Generation(**row) for _, _, row in read_items(path)}
+
+
+def _base_generations(reused: dict, records: list[Record], tokenizer, style, generate_fn) -> tuple[list, int]:
+    """The base model's generations: stage 01's where it made them for the same prompt, the rest made by generate_fn."""
+    rendered = [prompts.render(r, tokenizer, style, with_target=False).prompt for r in records]
+    todo = [i for i, prompt in enumerate(rendered) if prompt not in reused]
+    fresh = generate_fn([records[i] for i in todo]) if todo else []
+    base = [reused.get(prompt) for prompt in rendered]
+    for i, generation in zip(todo, fresh, strict=True):
+        base[i] = generation
+    return base, len(records) - len(todo)
 
 
 def _hf_generations(cfg, run_dir, records: list[Record], tokenizer, progress: bool) -> dict[str, list[generate.Generation]]:
@@ -150,33 +163,31 @@ def _hf_generations(cfg, run_dir, records: list[Record], tokenizer, progress: bo
     check_adapter_fits(cfg, adapter)
     style, decoding = prompts.PromptStyle.from_recipe(cfg), generate.Decoding.from_recipe(cfg)
     model = _attach_adapter(models.load_model(cfg), adapter)
-    reused = reusable_baseline(cfg, run_dir, cfg.load_in_4bit)
-    rendered = [prompts.render(r, tokenizer, style, with_target=False).prompt for r in records]
-    todo = [i for i, prompt in enumerate(rendered) if prompt not in reused]
-    with model.disable_adapter():
-        fresh = generate.generate(model, tokenizer, [records[i] for i in todo], style, decoding, progress=progress)
-    base = [reused.get(prompt) for prompt in rendered]
-    for i, generation in zip(todo, fresh, strict=True):
-        base[i] = generation
+
+    def base_model_generations(todo: list[Record]) -> list[generate.Generation]:
+        with model.disable_adapter():
+            return generate.generate(model, tokenizer, todo, style, decoding, progress=progress)
+
+    base, reused = _base_generations(reusable_baseline(cfg, run_dir, "hf"), records, tokenizer, style, base_model_generations)
     tuned = generate.generate(model, tokenizer, records, style, decoding, progress=progress)
-    return {"base": base, "fine-tuned": tuned, "reused_from_01": len(records) - len(todo)}
+    return {"base": base, "fine-tuned": tuned, "reused_from_01": reused}
 
 
 def _llamacpp_generations(cfg, run_dir, records, tokenizer, progress) -> dict[str, list[generate.Generation]]:
     """F16 GGUFs of the base and of the merged model, run by llama.cpp with the same rendered prompts."""
     export.adapter_dir(run_dir)
-    gguf_dir = Path(run_dir) / "eval" / "gguf"
-    base = gguf_dir / "base-f16.gguf"
-    if not base.is_file():
-        export.to_gguf(export.base_checkpoint(cfg), base, "f16")
-    merged = gguf_dir / "merged-f16.gguf"
+    base = export.base_gguf(cfg, run_dir)
+    merged = Path(run_dir) / "eval" / "gguf" / "merged-f16.gguf"
     if not merged.is_file():
         merged_checkpoint = export.merge(cfg, run_dir)
         export.ensure_merge_ok(export.check_merge(cfg, run_dir))  # a broken merge would silently change the "fine-tuned" side
         export.to_gguf(merged_checkpoint, merged, "f16")
     style, decoding = prompts.PromptStyle.from_recipe(cfg), generate.Decoding.from_recipe(cfg)
-    return {label: generate.generate_gguf(path, tokenizer, records, style, decoding, progress=progress)
-            for label, path in (("base", base), ("fine-tuned", merged))} | {"reused_from_01": 0}
+    base_generations, reused = _base_generations(
+        reusable_baseline(cfg, run_dir, "llamacpp"), records, tokenizer, style,
+        lambda todo: generate.generate_gguf(base, tokenizer, todo, style, decoding, progress=progress))
+    tuned = generate.generate_gguf(merged, tokenizer, records, style, decoding, progress=progress)
+    return {"base": base_generations, "fine-tuned": tuned, "reused_from_01": reused}
 
 
 def _vllm_generations(cfg, run_dir, records, tokenizer, progress) -> dict[str, list[generate.Generation]]:
@@ -205,7 +216,7 @@ def generate_both(cfg, run_dir: str | Path, sets: list[EvalSet], *, progress: bo
     """
     items = [(s.name, r) for s in sets for r in s.records] + [("showcase", r) for r in SHOWCASE]
     tokenizer = models.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    result = BACKENDS[cfg.eval_backend](cfg, run_dir, [r for _, r in items], tokenizer, progress)
+    result = BACKENDS[generate.resolve_backend(cfg)](cfg, run_dir, [r for _, r in items], tokenizer, progress)
     return {"items": items, "tokenizer": tokenizer, **result}
 
 
@@ -262,10 +273,11 @@ def model_metrics(kind: str, rows: list[dict], resamples: int) -> dict:
 
 
 def paired_differences(kind: str, base: list[dict], tuned: list[dict], resamples: int) -> dict:
-    """Fine-tuned minus base on the same items: McNemar for accuracy, paired bootstrap for the rest."""
+    """Fine-tuned minus base on the same items: McNemar for the yes/no rates (accuracy, format compliance),
+    paired bootstrap for the rest."""
     kw = {"resamples": resamples}
-    out = {"format_compliance": metrics.paired_bootstrap([float(r["well_formed"]) for r in base],
-                                                         [float(r["well_formed"]) for r in tuned], **kw)}
+    out = {"format_compliance": metrics.paired_accuracy_difference([r["well_formed"] for r in base],
+                                                                   [r["well_formed"] for r in tuned], **kw)}
     if kind == "open":
         for key in ("rouge_l", "token_f1"):
             out[key] = metrics.paired_bootstrap([r[key] for r in base], [r[key] for r in tuned], **kw)
@@ -344,8 +356,9 @@ def write_outputs(run_dir: str | Path, rows: list[dict], summary: dict, table, p
 
 
 def settings(cfg, generations: dict) -> dict:
-    return {"backend": cfg.eval_backend, "model": cfg.model_name_or_path, "prompt_style": cfg.prompt_style,
-            "decoding": asdict(generate.Decoding.from_recipe(cfg)), "base_in_4bit": cfg.load_in_4bit and cfg.eval_backend == "hf",
+    backend = generate.resolve_backend(cfg)
+    return {"backend": backend, "model": cfg.model_name_or_path, "prompt_style": cfg.prompt_style,
+            "decoding": asdict(generate.Decoding.from_recipe(cfg)), "base_in_4bit": cfg.load_in_4bit and backend == "hf",
             "bootstrap_resamples": cfg.bootstrap_resamples, "subsample_seed": cfg.eval_subsample_seed,
             "base_generations_reused_from_01": generations["reused_from_01"]}
 

@@ -142,6 +142,14 @@ def base_checkpoint(cfg) -> Path:
     return snapshot
 
 
+def base_gguf(cfg, run_dir: str | Path) -> Path:
+    """F16 GGUF of the base model, converted once per run and shared by stages 01 and 04 (llamacpp backend)."""
+    path = Path(run_dir) / "eval" / "gguf" / "base-f16.gguf"
+    if not path.is_file():
+        to_gguf(base_checkpoint(cfg), path, "f16")
+    return path
+
+
 def export_dtype(cfg):
     """The merge precision: 'auto' follows the `dtype` rule (bf16 on a capable GPU, fp32 on CPU)."""
     return models.resolve_dtype(cfg.export_dtype)
@@ -415,11 +423,14 @@ def to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f16", *, m
     model_class = conversion.get_model_class(architecture)
     check_disk(out_path.parent, 2 * checkpoint_parameters(hf_dir), f"{outtype.upper()} GGUF")
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype]
-    with atomic_path(out_path) as tmp, torch.inference_mode():
+    # The converter draws a byte-level progress bar on stderr; it is kept for the error message instead of the notebook.
+    log = io.StringIO()
+    with atomic_path(out_path) as tmp, torch.inference_mode(), contextlib.redirect_stderr(log):
         try:
             model_class(hf_dir, ftype, tmp, model_name=model_name or out_path.stem).write()
         except Exception as exc:  # the converter raises many types; none may leave a partial file behind
-            raise MedcotError(f"converting {hf_dir} ({architecture}) to GGUF failed: {type(exc).__name__}: {exc}") from exc
+            raise MedcotError(f"converting {hf_dir} ({architecture}) to GGUF failed: {type(exc).__name__}: {exc}\n"
+                              f"    {_log_tail(log)}") from exc
     return out_path
 
 

@@ -52,6 +52,21 @@ class Generation:
         return asdict(self)
 
 
+def resolve_backend(cfg) -> str:
+    """The generation backend of stages 01 and 04: the recipe's eval_backend, with auto decided for this machine.
+
+    auto is llama.cpp on a machine without a CUDA GPU when llama-cpp-python (the gguf extra) imports, since its
+    parallel decoding is several times faster there than HF batches (`medcot bench generate`); hf otherwise, and
+    always for a 4-bit base, which only the hf backend evaluates as trained.
+    """
+    import importlib.util
+
+    if cfg.eval_backend != "auto":
+        return cfg.eval_backend
+    llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    return "llamacpp" if llama_cpp and not torch.cuda.is_available() and not cfg.load_in_4bit else "hf"
+
+
 def stop_ids(tokenizer, generation_config) -> list[int]:
     """Token ids that end a generation: the generation config's EOS ids and the tokenizer's."""
     ids = generation_config.eos_token_id if generation_config is not None else None
@@ -165,3 +180,24 @@ def length_stats(generations: list[Generation]) -> dict:
         "hit_max_new_tokens": sum(not g.stopped for g in generations),
         "with_think_block": sum(g.reasoning is not None for g in generations),
     }
+
+
+def check_budget(cfg, run_dir: str | Path) -> str | None:
+    """Warn (and return the warning) when max_new_tokens is below the 95th percentile of the training targets' length (stage 00 measured it):
+    a model that learned the format would then be cut off inside its reasoning, and every cut answer scores as wrong."""
+    import json
+
+    stats = Path(run_dir) / "metrics" / "00_dataset_inspection.json"
+    budget = json.loads(stats.read_text()).get("generation_budget") if stats.is_file() else None
+    if not budget:
+        return None
+    p95 = budget["target_tokens"]["p95"]
+    if cfg.max_new_tokens >= p95:
+        return None
+    import warnings
+
+    message = (f"max_new_tokens={cfg.max_new_tokens} is below the 95th percentile of the training targets' length "
+            f"({p95:.0f} tokens, reasoning + answer, {stats}): trained answers will be cut off inside their reasoning "
+            f"and scored as wrong; stage 00 recommends max_new_tokens={budget['recommended_max_new_tokens']}")
+    warnings.warn(message, stacklevel=2)
+    return message

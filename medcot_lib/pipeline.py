@@ -17,6 +17,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,6 +128,32 @@ def data_hashes(cfg: Recipe) -> dict[str, str]:
     return hashes
 
 
+# What each stage reads from earlier ones: {stage: [(file under the run directory, the stage that writes it)]}.
+STAGE_INPUTS = {
+    "00b_teacher_cot": [("data/report.json", "00_dataset_inspection")],
+    "01_baseline": [("data/report.json", "00_dataset_inspection")],
+    "03_qlora_train": [("data/report.json", "00_dataset_inspection")],
+    "04_adapter_eval": [("data/report.json", "00_dataset_inspection"), ("adapter/adapter_model.safetensors", "03_qlora_train")],
+    "05_gguf_export": [("data/report.json", "00_dataset_inspection"), ("adapter/adapter_model.safetensors", "03_qlora_train")],
+}
+
+
+def require_inputs(run_dir: str | Path, stage: str) -> None:
+    """Stop a stage at once, naming the stage to run first, when an earlier stage's outputs are missing.
+
+    A notebook opened on its own (a Colab badge, say) has no earlier outputs; failing here beats failing
+    minutes later inside a library call.
+    """
+    missing = [(name, writer) for name, writer in STAGE_INPUTS.get(stage, []) if not (Path(run_dir) / name).is_file()]
+    if missing:
+        first = min(writer for _, writer in missing)
+        raise MedcotError(
+            f"stage {stage} needs the outputs of earlier stages in {run_dir}: "
+            + ", ".join(f"{name} (from {writer})" for name, writer in missing)
+            + f". Run stage {first} first: `medcot run RECIPE --run-dir {run_dir} --stages {first.split('_')[0]}` "
+            f"(or `medcot run RECIPE` for the whole pipeline), or execute notebooks/{first}.ipynb with this run_dir")
+
+
 def write_metrics(run_dir: str | Path, stage: str, metrics: dict[str, Any]) -> Path:
     """Record a stage's metrics in results/<run>/metrics/<stage>.json."""
     return write_json(Path(run_dir) / "metrics" / f"{stage}.json", metrics)
@@ -140,6 +167,26 @@ class _QuietUnknownParameters(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Passed unknown parameter")
+
+
+def _ipc_kernel_manager(socket_dir: str):
+    """A kernel manager whose kernel talks over IPC sockets in socket_dir (private to this user), not over TCP.
+
+    Over TCP, ipykernel warns on every stage that all traffic is unencrypted, and any local user could connect.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self) -> str:
+            return "ipc"
+
+        @default("ip")
+        def _default_ip(self) -> str:
+            return os.path.join(socket_dir, "kernel")
+
+    return IPCKernelManager
 
 
 def _now() -> str:
@@ -194,7 +241,6 @@ def run(
     echo=print,
 ) -> Path:
     """Execute the selected stage notebooks in order; return the run directory."""
-    import papermill
 
     cfg = absolute_paths(cfg)
     notebooks_dir = notebooks_dir or repo_root() / "notebooks"
@@ -208,6 +254,19 @@ def run(
     logging.getLogger("papermill").addFilter(_QuietUnknownParameters())
 
     started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="medcot-kernel-") as socket_dir:
+        _run_stages(selected, cfg, run_dir, params, manifest, _ipc_kernel_manager(socket_dir), notebooks_dir, echo, started)
+    all_done = all(manifest["stages"].get(s.stem, {}).get("status") in ("done", "skipped") for s in discover_stages(notebooks_dir))
+    manifest["status"] = "finished" if all_done else "partial"
+    manifest["finished"] = _now()
+    write_json(run_dir / MANIFEST, manifest)
+    return run_dir
+
+
+def _run_stages(selected: list[Path], cfg: Recipe, run_dir: Path, params: dict, manifest: dict, kernel_manager,
+                notebooks_dir: Path, echo, started: float) -> None:
+    import papermill
+
     for number, notebook in enumerate(selected, start=1):
         name = notebook.stem
         if manifest["stages"].get(name, {}).get("status") == "done":
@@ -225,7 +284,7 @@ def run(
         try:
             papermill.execute_notebook(
                 str(notebook), str(partial), parameters={**params, "run_dir": str(run_dir)},
-                kernel_name="python3", cwd=str(notebooks_dir), progress_bar=False,
+                kernel_name="python3", cwd=str(notebooks_dir), progress_bar=False, kernel_manager_class=kernel_manager,
             )
             os.replace(partial, run_dir / notebook.name)
         except papermill.PapermillExecutionError as exc:
@@ -242,10 +301,4 @@ def run(
         manifest["stages"][name].update(status="done", finished=_now(), seconds=seconds)
         write_json(run_dir / MANIFEST, manifest)
         echo(f"[{number}/{len(selected)}] {name}: done in {seconds:.1f} s (elapsed {time.monotonic() - started:.1f} s)")
-
-    all_done = all(manifest["stages"].get(s.stem, {}).get("status") in ("done", "skipped") for s in discover_stages(notebooks_dir))
-    manifest["status"] = "finished" if all_done else "partial"
-    manifest["finished"] = _now()
-    write_json(run_dir / MANIFEST, manifest)
-    return run_dir
 

@@ -31,7 +31,7 @@ def token_length_histogram(lengths: list[int], stats: dict, path: str | Path, ti
     return fig
 
 
-def loss_curves(log_history: list[dict], path: str | Path):
+def loss_curves(log_history: list[dict], path: str | Path, title: str | None = None):
     """Training loss per logged step and evaluation loss per evaluation."""
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
@@ -42,6 +42,8 @@ def loss_curves(log_history: list[dict], path: str | Path):
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="#dd8452")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (completion tokens)")
+    if title:
+        ax.set_title(title)
     ax.legend()
     save(fig, path)
     return fig

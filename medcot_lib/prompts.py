@@ -51,7 +51,10 @@ def user_message(record: Record) -> str:
 def final_answer(record: Record) -> str:
     """The answer text a trained model should end with."""
     if record.options and record.gold:
-        return f"The answer is ({record.gold}) {record.answer}."
+        stated = f"The answer is ({record.gold}) {record.options[record.gold]}."
+        # MedQA-style items carry the option text as their answer; medical-o1 items with options carry a
+        # response, which comes first so the answer statement stays last (where evaluation reads it).
+        return stated if record.answer == record.options[record.gold] else f"{record.answer}\n\n{stated}"
     if record.gold in ("yes", "no", "maybe") and not record.options:
         return f"{record.answer}\n\nThe answer is {record.gold}."
     return record.answer
@@ -167,3 +170,23 @@ def length_stats(lengths: list[int], max_length: int, model_max: int | None = No
         "max_length": max_length,
         "truncated_at_max_length": int((values > max_length).sum()),
     }
+
+
+def _describe(values: list[int]) -> dict:
+    import numpy as np
+
+    array = np.asarray(values)
+    return {"median": float(np.median(array)), "p95": float(np.percentile(array, 95)), "max": int(array.max())}
+
+
+def generation_budget(records: list[Record], tokenizer, style: PromptStyle) -> dict:
+    """Token lengths of what a trained model should write (reasoning, and the whole target), and a max_new_tokens
+    that lets it finish: the target's 99th percentile rounded up to a multiple of 32."""
+    import numpy as np
+
+    targets = [render(r, tokenizer, style).target for r in records]
+    target_tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets]
+    reasoning = [len(tokenizer(r.reasoning, add_special_tokens=False)["input_ids"]) for r in records if r.reasoning]
+    return {"n": len(records), "reasoning_tokens": _describe(reasoning) if reasoning else None,
+            "target_tokens": _describe(target_tokens),
+            "recommended_max_new_tokens": int(-(-np.percentile(target_tokens, 99) // 32) * 32)}

@@ -133,7 +133,9 @@ class Recipe(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     generation_batch_size: int = Field(8, gt=0)  # prompts per batch, length-sorted and left-padded
     # evaluation (04); an eval source's max_samples is a seeded subsample (decontamination still uses the whole set)
-    eval_backend: Literal["hf", "llamacpp", "vllm"] = "hf"  # hf: base + adapter, exact; llamacpp: F16 GGUFs (fast on CPU); vllm: CUDA
+    # Generation backend of stages 01 and 04. auto: llamacpp on a machine without a CUDA GPU when the gguf extra is
+    # installed and the base is not 4-bit, else hf. hf: base + adapter, exact; llamacpp: F16 GGUFs (fast on CPU); vllm: CUDA
+    eval_backend: Literal["auto", "hf", "llamacpp", "vllm"] = "auto"
     eval_test_split: bool = True  # also score the held-out test split as an open-ended set (ROUGE-L, token F1)
     eval_subsample_seed: int = 0  # fixed seed for max_samples subsamples, independent of the training seed
     eval_side_by_side: int = Field(3, ge=0)  # items per eval set shown side by side (plus the showcase prompts)
@@ -163,6 +165,7 @@ class Recipe(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_bias: Literal["none", "all", "lora_only"] = "none"
     lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"  # may include lm_head
+    layers_to_transform: list[int] | None = None  # PEFT: adapt only these decoder layers (0-based); None: all of them
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed LoRA; combines with load_in_4bit
     # training (TRL SFTConfig / TrainingArguments names)
@@ -180,7 +183,7 @@ class Recipe(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     optim: Literal["adamw_torch", "adafactor", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw_torch"
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute activations in backward (transformers 5's name for gradient checkpointing)
     bf16: bool = False
     fp16: bool = False
     tf32: bool = False
@@ -212,6 +215,15 @@ class Recipe(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate types in {names}")
         return names
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layers_ok(cls, values: list[int] | None) -> list[int] | None:
+        if values is None:
+            return None
+        if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+            raise ValueError("expected distinct layer indices from 0 (e.g. [15, 16, 17]), or null for every layer")
+        return sorted(values)
 
     @field_validator("hub_model_id")
     @classmethod
@@ -265,7 +277,14 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+# Keys that upstream renamed: a recipe using the old name gets the new one in its error message.
+RENAMED_KEYS = {"gradient_checkpointing": "activation_checkpointing"}
+
+
 def validate(values: dict[str, Any], origin: str = "recipe") -> Recipe:
+    renamed = [f"  {old}: renamed {new} (transformers 5 deprecates the old name)" for old, new in RENAMED_KEYS.items() if old in values]
+    if renamed:
+        raise MedcotError("\n".join([f"{origin}: invalid recipe", *renamed]))
     try:
         return Recipe.model_validate(values)
     except ValidationError as exc:

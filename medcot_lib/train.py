@@ -238,8 +238,20 @@ def peft_config(cfg, model):
         unknown = [t for t in targets if t not in known]
         if unknown:
             raise MedcotError(f"lora_target_modules: {unknown} are not linear modules of this model (its linear modules: {', '.join(known)})")
+    check_layers(cfg, model)
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.lora_bias,
-                      target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM")
+                      target_modules=targets, layers_to_transform=cfg.layers_to_transform, use_rslora=cfg.use_rslora,
+                      use_dora=cfg.use_dora, task_type="CAUSAL_LM")
+
+
+def check_layers(cfg, model) -> None:
+    """layers_to_transform must name decoder layers the model has."""
+    from .errors import MedcotError
+
+    layers = model.config.get_text_config().num_hidden_layers
+    outside = [i for i in cfg.layers_to_transform or [] if i >= layers]
+    if outside:
+        raise MedcotError(f"layers_to_transform: {outside} are not layers of this model (it has {layers}: 0 to {layers - 1})")
 
 
 def add_adapter(cfg, model):
@@ -248,7 +260,7 @@ def add_adapter(cfg, model):
     from transformers import set_seed
 
     if cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.activation_checkpointing)
     set_seed(cfg.seed)  # LoRA's A matrices are random: without this, two runs of one recipe start apart
     return get_peft_model(model, peft_config(cfg, model))
 
@@ -300,8 +312,8 @@ def _load_unsloth(cfg):
     targets = LLAMA_LINEAR_MODULES if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.lora_r, target_modules=targets, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        bias=cfg.lora_bias, use_gradient_checkpointing="unsloth" if cfg.gradient_checkpointing else False,
-        random_state=cfg.seed, use_rslora=cfg.use_rslora,
+        bias=cfg.lora_bias, use_gradient_checkpointing="unsloth" if cfg.activation_checkpointing else False,
+        random_state=cfg.seed, use_rslora=cfg.use_rslora, layers_to_transform=cfg.layers_to_transform,
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -345,8 +357,8 @@ def sft_config(cfg, output_dir: str, has_eval: bool):
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.activation_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.activation_checkpointing else None,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
         tf32=cfg.tf32 or None,
@@ -458,7 +470,7 @@ def run(trainer, cfg, run_dir: str | Path) -> dict:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as exc:
         raise MedcotError("out of memory: lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
-                          "effective batch), turn on gradient_checkpointing, lower max_length, or set load_in_4bit") from exc
+                          "effective batch), turn on activation_checkpointing, lower max_length, or set load_in_4bit") from exc
     seconds = time.monotonic() - started
     with atomic_dir(Path(run_dir) / "adapter") as tmp:
         trainer.model.save_pretrained(tmp)

@@ -110,3 +110,29 @@ def test_llama_cpp_leaves_a_busy_core_alone():
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_auto_backend_is_llama_cpp_on_a_cpu_with_the_gguf_extra_and_hf_for_a_4bit_base(cfg, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    assert generate.resolve_backend(cfg.model_copy(update={"eval_backend": "hf"})) == "hf"
+    auto = cfg.model_copy(update={"eval_backend": "auto"})
+    has_llama = importlib.util.find_spec("llama_cpp") is not None
+    assert generate.resolve_backend(auto) == ("llamacpp" if has_llama and not torch.cuda.is_available() else "hf")
+    assert generate.resolve_backend(auto.model_copy(update={"load_in_4bit": True})) == "hf"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert generate.resolve_backend(auto) == "hf"
+
+
+def test_a_budget_below_the_training_targets_is_warned_about(cfg, tmp_path):
+    import json
+
+    assert generate.check_budget(cfg, tmp_path) is None  # stage 00 has not measured anything yet
+    (tmp_path / "metrics").mkdir()
+    budget = {"target_tokens": {"median": 150.0, "p95": 230.0, "max": 260}, "recommended_max_new_tokens": 256}
+    (tmp_path / "metrics" / "00_dataset_inspection.json").write_text(json.dumps({"generation_budget": budget}))
+    with pytest.warns(UserWarning, match=r"max_new_tokens=100 is below .* \(230 tokens.*recommends max_new_tokens=256"):
+        generate.check_budget(cfg.model_copy(update={"max_new_tokens": 100}), tmp_path)
+    assert generate.check_budget(cfg.model_copy(update={"max_new_tokens": 230}), tmp_path) is None

@@ -26,6 +26,7 @@ MEDQA_ROW = {
     "name, fmt, minimum",
     [
         ("bundled:medical-o1", "medical_o1", 150),
+        ("bundled:medical-o1-concise", "medical_o1", 200),
         ("bundled:medqa", "mcq", 80),
         ("bundled:pubmedqa", "pubmedqa", 40),
         ("bundled:medmcqa", "medmcqa", 8),
@@ -43,8 +44,8 @@ def test_bundled_samples_load_with_detected_format(name, fmt, minimum):
     assert len({r.id for r in records}) == len(records)
     for r in records:
         assert r.question and r.answer
-        if r.options:
-            assert r.gold in r.options and r.answer == r.options[r.gold]
+        if r.options:  # MedQA-style items answer with the option text; medical-o1 items with options keep their response
+            assert r.gold in r.options and (r.answer == r.options[r.gold]) == (fmt != "medical_o1")
 
 
 def test_bundled_cot_lengths_match_the_real_distribution():
@@ -226,3 +227,34 @@ def test_pubmedqa_hub_rows_load_like_ori_pqal(write):
     assert report.format == "pubmedqa"
     assert (r.id, r.gold, r.answer) == ("4242", "yes", "X helped.")
     assert r.context == "METHODS: We studied X.\nRESULTS: X helped."
+
+
+O1_ROW = {"Question": "A 25-year-old has a ferritin of 5 ng/mL. What is the most likely diagnosis?",
+          "Complex_CoT": "A very low ferritin means depleted iron stores.", "Response": "Iron stores are depleted."}
+
+
+def test_medical_o1_items_with_options_become_multiple_choice(write):
+    row = dict(O1_ROW, options={"A": "Iron deficiency", "B": "Thalassemia trait"}, answer_idx="A")
+    (record,), report = load(write("o1.json", json.dumps([row])))
+    assert report.format == "medical_o1" and record.options == {"A": "Iron deficiency", "B": "Thalassemia trait"}
+    assert record.gold == "A" and record.answer == "Iron stores are depleted." and record.reasoning == O1_ROW["Complex_CoT"]
+
+
+@pytest.mark.parametrize("extra", [{"options": "A. Iron deficiency\nB. Thalassemia trait", "answer_idx": "A"},
+                                   {"options": {"A": "Iron deficiency"}, "answer_idx": "C"},
+                                   {"options": {"A": "Iron deficiency"}}])
+def test_medical_o1_options_in_other_shapes_stay_open_ended_and_are_counted(write, extra):
+    (record,), report = load(write("o1.json", json.dumps([dict(O1_ROW, **extra)])))
+    assert record.options is None and record.gold is None and record.answer == O1_ROW["Response"]
+    assert sum(report.repaired.values()) == 1 and "read as open-ended" in next(iter(report.repaired))
+
+
+def test_concise_sample_is_short_balanced_and_shaped_like_the_eval_prompts():
+    records, _ = load("bundled:medical-o1-concise")
+    words = sorted(len(r.reasoning.split()) for r in records)
+    assert 60 <= words[0] and words[-1] <= 150  # issue 12: reasoning of about 60-150 words
+    mcq = [r for r in records if r.options]
+    assert 80 <= len(mcq) <= len(records) - 80  # both shapes are trained: open questions and multiple choice
+    letters = [r.gold for r in mcq]
+    assert max(letters.count(x) for x in "ABCD") - min(letters.count(x) for x in "ABCD") <= 4  # no letter bias to learn
+    assert all(list(r.options) == list("ABCD") and "answer is" not in r.answer.lower() for r in mcq)

@@ -106,3 +106,26 @@ def test_no_import_shadows_a_parameter(path):
     imported = {alias.asname or alias.name for cell in cells(path) if cell["cell_type"] == "code"
                 for node in ast.walk(ast.parse(code(cell))) if isinstance(node, ast.ImportFrom | ast.Import) for alias in node.names}
     assert not imported & set(recipe.Recipe.model_fields), f"{path}: {imported & set(recipe.Recipe.model_fields)}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage, present, first", [
+    ("03_qlora_train", [], "00_dataset_inspection"),
+    ("04_adapter_eval", [], "00_dataset_inspection"),
+    ("04_adapter_eval", ["data/report.json"], "03_qlora_train"),
+    ("05_gguf_export", ["data/report.json"], "03_qlora_train"),
+])
+def test_a_notebook_opened_alone_stops_at_once_naming_the_stage_to_run_first(tmp_path, stage, present, first):
+    import papermill
+
+    run_dir = tmp_path / "run"
+    for name in present:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("{}")
+    out = tmp_path / "out.ipynb"
+    with pytest.raises(papermill.PapermillExecutionError) as failure:
+        papermill.execute_notebook(f"notebooks/{stage}.ipynb", str(out), parameters={"run_dir": str(run_dir)},
+                                   cwd="notebooks", progress_bar=False, kernel_name="python3")
+    assert failure.value.ename == "MedcotError" and f"Run stage {first} first" in failure.value.evalue
+    executed = [c for c in cells(out) if c["cell_type"] == "code" and c.get("execution_count")]
+    assert "require_inputs" in code(executed[-1])  # it stopped there, before loading any model

@@ -130,3 +130,27 @@ def test_length_stats_recommend_a_multiple_of_64():
     stats = prompts.length_stats(list(range(100, 1100, 10)), max_length=512, model_max=8192)
     assert stats["recommended_max_length"] % 64 == 0 and stats["recommended_max_length"] >= stats["p99"]
     assert stats["truncated_at_max_length"] == sum(v > 512 for v in range(100, 1100, 10))
+
+
+def test_a_medical_o1_item_with_options_is_trained_on_the_eval_prompt_and_ends_with_the_answer_statement(tokenizer):
+    style = prompts.PromptStyle.from_recipe(Cfg("think"))
+    options = {"A": "Iron deficiency", "B": "Thalassemia trait", "C": "Lead poisoning", "D": "Anemia of inflammation"}
+    item = Record(id="x", source="s", question="Ferritin is 5 ng/mL. Which diagnosis is most likely?", reasoning="Stores are empty.",
+                  answer="Depleted stores mean iron deficiency.", options=options, gold="A")
+    mcq = Record(id="y", source="s", question=item.question, answer="Iron deficiency", options=options, gold="A")
+    rendered = prompts.render(item, tokenizer, style)
+    assert rendered.prompt == prompts.render(mcq, tokenizer, style, with_target=False).prompt  # the eval prompt, options included
+    assert "Finish with: The answer is (X)." in rendered.prompt
+    assert prompts.final_answer(item) == "Depleted stores mean iron deficiency.\n\nThe answer is (A) Iron deficiency."
+    assert prompts.final_answer(mcq) == "The answer is (A) Iron deficiency."
+    assert rendered.target.startswith("<think>\nStores are empty.\n</think>\n\nDepleted stores")
+
+
+def test_generation_budget_covers_what_training_teaches(tokenizer):
+    style = prompts.PromptStyle.from_recipe(Cfg("think"))
+    cot, _ = load_source(DatasetSource(path="bundled:medical-o1-concise"))
+    budget = prompts.generation_budget(cot, tokenizer, style)
+    targets = [len(tokenizer(prompts.render(r, tokenizer, style).target, add_special_tokens=False)["input_ids"]) for r in cot]
+    assert budget["n"] == len(cot) and budget["target_tokens"]["max"] == max(targets)
+    assert budget["reasoning_tokens"]["p95"] < budget["target_tokens"]["p95"] <= budget["recommended_max_new_tokens"]
+    assert budget["recommended_max_new_tokens"] % 32 == 0

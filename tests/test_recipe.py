@@ -44,6 +44,9 @@ def test_unknown_key_inside_a_source_is_named(tmp_path):
     ("val_size: 0.6\ntest_size: 0.5", r"val_size \+ test_size ratios must leave training data"),
     ("val_size: 2.5", r"val_size: .*whole number"),
     ("run_name: 'bad name/'", r"run_name: String should match pattern"),
+    ("layers_to_transform: [3, 3]", r"layers_to_transform: .*distinct layer indices"),
+    ("layers_to_transform: [-1]", r"layers_to_transform: .*distinct layer indices"),
+    ("eval_backend: fast", r"eval_backend: Input should be 'auto', 'hf', 'llamacpp' or 'vllm'"),
 ])
 def test_bad_values_are_named(tmp_path, line, message):
     with pytest.raises(MedcotError, match=message):
@@ -89,3 +92,8 @@ def test_runner_makes_local_data_paths_absolute(tmp_path, monkeypatch):
     cfg = recipe.validate({"run_name": "t", "dataset_mixture": [{"path": "mine.jsonl"}, {"path": "bundled:medqa"}]})
     fixed = pipeline.absolute_paths(cfg)
     assert [s.path for s in fixed.dataset_mixture] == [str(tmp_path / "mine.jsonl"), "bundled:medqa"]
+
+
+def test_a_key_upstream_renamed_names_its_new_name(tmp_path):
+    with pytest.raises(MedcotError, match="gradient_checkpointing: renamed activation_checkpointing"):
+        recipe.load(write_recipe(tmp_path, BASE + "gradient_checkpointing: true\n"))

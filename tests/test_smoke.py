@@ -33,7 +33,7 @@ def test_smoke_keeps_the_method_and_maps_only_what_it_must():
     smoked, log = recipe.smoke(cfg)
     kept = ["use_dora", "load_in_4bit", "lora_r", "lora_alpha", "lora_target_modules", "prompt_style", "system_prompt",
             "packing", "completion_only_loss", "lr_scheduler_type", "warmup_steps", "learning_rate",
-            "bnb_4bit_use_double_quant", "gradient_checkpointing", "seed"]
+            "bnb_4bit_use_double_quant", "activation_checkpointing", "seed"]
     assert {k: getattr(smoked, k) for k in kept} == {k: getattr(cfg, k) for k in kept}
     assert smoked.model_name_or_path == models.DEFAULT_MODEL and smoked.optim == "adamw_torch"
     assert (smoked.per_device_train_batch_size, smoked.gradient_accumulation_steps) == (2, 2)  # from 8 x 4

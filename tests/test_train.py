@@ -31,6 +31,15 @@ def test_unknown_or_empty_targets_are_clear_errors():
         train.peft_config(cfg_with(lora_target_modules=[]), None)
 
 
+def test_layers_to_transform_adapts_only_those_layers_and_must_exist():
+    cfg = cfg_with(layers_to_transform=[28, 29])
+    model = train.add_adapter(cfg, models.load_model(cfg))
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {28, 29}
+    with pytest.raises(MedcotError, match=r"layers_to_transform: \[30\] are not layers of this model \(it has 30: 0 to 29\)"):
+        train.add_adapter(cfg_with(layers_to_transform=[29, 30]), models.load_model(cfg))
+
+
 @pytest.mark.integration
 def test_a_few_steps_lower_held_out_loss(tmp_path):
     cfg = cfg_with(max_steps=12, per_device_train_batch_size=2, per_device_eval_batch_size=4, max_length=384,
