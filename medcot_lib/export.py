@@ -23,7 +23,6 @@ import contextlib
 import ctypes
 import functools
 import io
-import logging
 import math
 import os
 import re
@@ -39,7 +38,7 @@ from .data import Record
 from .errors import MedcotError
 from .fileio import atomic_dir, atomic_path, read_json, write_text
 from .generate import stop_ids
-from .llamacpp import llama_threads
+from .llamacpp import captured_log, llama_threads, log_tail
 
 EXPORT_DIR = "export"
 INSTALL_HINT = 'pip install -e ".[gguf]" (compiles llama.cpp once, about 5 minutes on 2 cores)'
@@ -82,30 +81,6 @@ def _llama_cpp():
     except ImportError:
         raise MedcotError(f"llama-cpp-python is not installed; {INSTALL_HINT}") from None
     return llama_cpp
-
-
-@contextlib.contextmanager
-def _llama_log() -> Iterator[io.StringIO]:
-    """Collect llama.cpp's log lines instead of printing them.
-
-    llama-cpp-python prints llama.cpp's log to sys.stderr from a callback; its level mapping does not match
-    llama.cpp's current levels (warnings arrive as errors), so filtering by level would hide real errors.
-    We capture everything and show it only when a call fails.
-    """
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.NOTSET)
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(buffer):
-            yield buffer
-    finally:
-        logger.setLevel(level)
-
-
-def _log_tail(buffer: io.StringIO, lines: int = 8) -> str:
-    useful = [line for line in buffer.getvalue().splitlines() if line.strip() and "ncols" not in line]
-    return "\n    ".join(useful[-lines:]) or "(llama.cpp logged nothing)"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -430,7 +405,7 @@ def to_gguf(hf_dir: str | Path, out_path: str | Path, outtype: str = "f16", *, m
             model_class(hf_dir, ftype, tmp, model_name=model_name or out_path.stem).write()
         except Exception as exc:  # the converter raises many types; none may leave a partial file behind
             raise MedcotError(f"converting {hf_dir} ({architecture}) to GGUF failed: {type(exc).__name__}: {exc}\n"
-                              f"    {_log_tail(log)}") from exc
+                              f"    {log_tail(log)}") from exc
     return out_path
 
 
@@ -446,10 +421,10 @@ def quantize(gguf_f16: str | Path, out_path: str | Path, quant_type: str) -> Pat
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
-    with atomic_path(out_path) as tmp, _llama_log() as log:
+    with atomic_path(out_path) as tmp, captured_log() as log:
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if code != 0:
-            raise MedcotError(f"llama.cpp could not quantize {source.name} to {quant_type} (return code {code}):\n    {_log_tail(log)}")
+            raise MedcotError(f"llama.cpp could not quantize {source.name} to {quant_type} (return code {code}):\n    {log_tail(log)}")
     return out_path
 
 
@@ -620,13 +595,13 @@ def _hf_reference(cfg, merged: Path, tokenizer, style, records: list[Record], he
 
 def _load_gguf(path: Path, n_ctx: int):
     llama_cpp = _llama_cpp()
-    with _llama_log() as log:
+    with captured_log() as log:
         try:
             threads = llama_threads()
             return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False, n_threads=threads,
                                    n_threads_batch=threads, n_gpu_layers=-1 if llama_cpp.llama_supports_gpu_offload() else 0)
         except ValueError as exc:
-            raise MedcotError(f"{path}: llama.cpp cannot load this GGUF ({exc}):\n    {_log_tail(log)}") from exc
+            raise MedcotError(f"{path}: llama.cpp cannot load this GGUF ({exc}):\n    {log_tail(log)}") from exc
 
 
 def _structure_checks(llm, meta: dict, tokenizer, style, records: list[Record], reference: dict, held_out: list) -> dict:
@@ -735,7 +710,7 @@ def verify_file(path: str | Path, gguf_type: str, reference: dict, tokenizer, st
             nll, count = nll + text_nll, count + len(ids) - 1
             same += int((np.asarray(top) == np.asarray(hf_top)).sum())
     finally:
-        with _llama_log():
+        with captured_log():
             llm.close()
     perplexity = math.exp(nll / count) if count else None
     row = {"file": path.name, "type": gguf_type, "MB": info["MB"], "bits_per_weight": info["bits_per_weight"],

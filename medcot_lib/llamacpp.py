@@ -8,8 +8,12 @@ next prompt at once, so the batch stays full until the queue runs dry.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +24,30 @@ from .errors import MedcotError
 PREFILL_CHUNK = 512  # prompt tokens fed per forward pass (a MedQA prompt of ~200 tokens fits in one)
 BUSY_PERCENT = 50  # a core this busy (over IDLE_PROBE_S) is taken by someone else
 IDLE_PROBE_S = 0.2
+
+
+@contextlib.contextmanager
+def captured_log() -> Iterator[io.StringIO]:
+    """Collect llama.cpp's log lines instead of printing them.
+
+    llama-cpp-python prints llama.cpp's log to sys.stderr from a callback; its level mapping does not match
+    llama.cpp's current levels (warnings arrive as errors), so filtering by level would hide real errors.
+    We capture everything and show it only when a call fails.
+    """
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.NOTSET)
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield buffer
+    finally:
+        logger.setLevel(level)
+
+
+def log_tail(buffer: io.StringIO, lines: int = 8) -> str:
+    useful = [line for line in buffer.getvalue().splitlines() if line.strip() and "ncols" not in line]
+    return "\n    ".join(useful[-lines:]) or "(llama.cpp logged nothing)"
 
 
 def llama_threads() -> int:
@@ -83,10 +111,15 @@ class ParallelGGUF:
         import llama_cpp as ll
 
         self.ll, self.parallel = ll, parallel
+        with captured_log() as log:  # llama.cpp's load log is shown only when loading fails
+            self._load(path, parallel, slot_tokens, threads, log)
+
+    def _load(self, path: str | Path, parallel: int, slot_tokens: int, threads: int | None, log: io.StringIO) -> None:
+        ll = self.ll
         ll.llama_backend_init()
         self.model = ll.llama_model_load_from_file(str(path).encode(), ll.llama_model_default_params())
         if not self.model:
-            raise MedcotError(f"{path}: llama.cpp cannot load this GGUF file")
+            raise MedcotError(f"{path}: llama.cpp cannot load this GGUF file:\n    {log_tail(log)}")
         params = ll.llama_context_default_params()
         params.n_seq_max = parallel
         params.n_ctx = parallel * slot_tokens
@@ -99,7 +132,7 @@ class ParallelGGUF:
         self.ctx = ll.llama_init_from_model(self.model, params)
         if not self.ctx:
             ll.llama_model_free(self.model)
-            raise MedcotError(f"{path}: llama.cpp cannot create a context for {parallel} x {slot_tokens} tokens")
+            raise MedcotError(f"{path}: llama.cpp cannot create a context for {parallel} x {slot_tokens} tokens:\n    {log_tail(log)}")
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.memory = ll.llama_get_memory(self.ctx)

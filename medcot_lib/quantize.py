@@ -14,6 +14,9 @@ from .data import Record
 from .fileio import atomic_dir
 
 GIB = 2**30
+# Greedy tokens per showcase prompt in the reload check: a reload that changed any weight shows within the first few
+# dozen tokens, and a 4-bit step on a CPU dequantizes every weight (320 tokens x 5 prompts x 2 models took ~40 s here).
+RELOAD_CHECK_TOKENS = 64
 
 
 def footprints(cfg) -> list[dict]:
@@ -46,8 +49,8 @@ def reload(path: str | Path):
 
 
 def reload_check(model, reloaded, tokenizer, records: list[Record], style: prompts.PromptStyle, decoding: generate.Decoding) -> dict:
-    """Greedy outputs of the in-memory and the reloaded 4-bit model, and whether they are identical."""
-    greedy = generate.Decoding(decoding.max_new_tokens, False, decoding.temperature, decoding.top_p, decoding.batch_size, decoding.seed)
+    """Greedy outputs of the in-memory and the reloaded 4-bit model (up to RELOAD_CHECK_TOKENS each), and whether they are identical."""
+    greedy = generate.Decoding(min(decoding.max_new_tokens, RELOAD_CHECK_TOKENS), False, decoding.temperature, decoding.top_p, decoding.batch_size, decoding.seed)
     before = generate.generate(model, tokenizer, records, style, greedy, progress=False)
     after = generate.generate(reloaded, tokenizer, records, style, greedy, progress=False)
     pairs = [{"id": a.id, "in_memory": a.output, "reloaded": b.output, "identical": a.output == b.output} for a, b in zip(before, after, strict=True)]

@@ -31,6 +31,7 @@ DISTILLED = "run:distilled"  # the teacher-written set that stage 00b stores in 
 # Bundled sample files, named by the schema they imitate. All are original, educational text.
 BUNDLED_FILES = {
     "medical-o1": "medical_o1_sample.json",
+    "medical-o1-concise": "medical_o1_concise_sample.json",
     "medqa": "medqa_sample.jsonl",
     "pubmedqa": "pubmedqa_ori_pqal_sample.json",
     "pubmedqa-ground-truth": "pubmedqa_test_ground_truth_sample.json",
@@ -189,6 +190,7 @@ class Recipe(BaseModel):
     tf32: bool = False
     logging_steps: int = Field(1, gt=0)
     eval_steps: int = Field(10, gt=0)
+    eval_on_start: bool = True  # evaluate before the first step too, so the loss curve starts from the base model's loss
     save_steps: int = Field(10, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
     load_best_model_at_end: bool = True  # by eval_loss

@@ -239,6 +239,11 @@ def peft_config(cfg, model):
         if unknown:
             raise MedcotError(f"lora_target_modules: {unknown} are not linear modules of this model (its linear modules: {', '.join(known)})")
     check_layers(cfg, model)
+    if targets == "all-linear" and cfg.layers_to_transform:
+        # PEFT takes layers_to_transform only with explicit module names; all-linear means every linear layer but the output.
+        output = model.get_output_embeddings()
+        output_names = {name.split(".")[-1] for name, module in model.named_modules() if module is output}
+        targets = [name for name in linear_module_names(model) if name not in output_names]
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.lora_bias,
                       target_modules=targets, layers_to_transform=cfg.layers_to_transform, use_rslora=cfg.use_rslora,
                       use_dora=cfg.use_dora, task_type="CAUSAL_LM")
@@ -365,6 +370,7 @@ def sft_config(cfg, output_dir: str, has_eval: bool):
         logging_steps=cfg.logging_steps,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps,
+        eval_on_start=cfg.eval_on_start and has_eval,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,

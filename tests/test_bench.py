@@ -78,7 +78,8 @@ def _result(name: str, quick: bool) -> dict:
 
 def test_readme_table_round_trip(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Performance\n\n{bench.README_START}\nold\n{bench.README_END}\n\nafter\n")
+    readme.write_text(f"# x\n\n{bench.DEMO_START}\nold demo\n{bench.DEMO_END}\n\n## Performance\n\n"
+                      f"{bench.README_START}\nold\n{bench.README_END}\n\nafter\n")
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "train.json").write_text(json.dumps(_result("train", quick=True)))
     assert bench.readme_table(tmp_path / "bench") == bench.NOT_MEASURED  # quick results are never the figures
@@ -91,14 +92,45 @@ def test_readme_table_round_trip(tmp_path):
     bench.update_readme(readme, tmp_path / "bench")
     text = readme.read_text()
     assert text.startswith("# x\n") and text.endswith(f"{bench.README_END}\n\nafter\n")
+    assert "old demo" not in text and "_Not measured yet._" in text  # no pipeline result: the demo block says so
     assert text.split(bench.README_START)[1].split(bench.README_END)[0].strip() == table
     bench.update_readme(readme, tmp_path / "bench")
     assert readme.read_text() == text  # rewriting is idempotent
 
 
-def test_project_readme_has_the_block():
+def test_project_readme_has_the_blocks():
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert text.index(bench.README_START) < text.index(bench.README_END)
+    assert text.index(bench.DEMO_START) < text.index(bench.DEMO_END)
+
+
+def _ci(value, low, high, n=20):
+    return {"value": value, "low": low, "high": high, "n": n}
+
+
+def _pipeline_result(quick: bool = False) -> dict:
+    effect = {"sets": {"medqa": {"n": 20, "kind": "mcq", "headline": "accuracy",
+                                 "format_compliance": {"base": _ci(0.0, 0.0, 0.0), "fine-tuned": _ci(0.9, 0.75, 1.0)},
+                                 "format_difference": {"difference": 0.9, "p_value": 3.8e-6, "test": "mcnemar-exact"},
+                                 "accuracy": {"base": _ci(0.25, 0.05, 0.45), "fine-tuned": _ci(0.3, 0.1, 0.5)},
+                                 "headline_difference": {"difference": 0.05, "p_value": 1.0}}},
+              "log_history": [{"step": 1, "loss": 2.5}, {"step": 10, "eval_loss": 1.2}], "examples": [
+                  {"set": "medqa", "question": "Which drug?", "gold": "B", "base": "Maybe aspirin.",
+                   "fine-tuned": "<think>\nIt is B.\n</think>\n\nThe answer is (B) Heparin."}]}
+    run = {"seconds": 600.0, "peak_rss_gb": 4.0, "format fine-tuned medqa": 0.9, "demo": effect}
+    return {**_result("pipeline", quick), "sides": {"cpu-demo": [run]},
+            "summary": {"cpu-demo": {"seconds": {"median": 600.0, "min": 590.0, "max": 610.0, "n": 3}}}}
+
+
+def test_demo_section_is_built_from_the_pipeline_result(tmp_path):
+    (tmp_path / "pipeline.json").write_text(json.dumps(_pipeline_result(quick=True)))
+    assert bench.demo_section(tmp_path).startswith("_Not measured yet._")  # quick runs are never shown as figures
+    (tmp_path / "pipeline.json").write_text(json.dumps(_pipeline_result()))
+    section = bench.demo_section(tmp_path)
+    assert "| medqa |" in section.replace("  ", " ") and "0% [0%, 0%]" in section and "90% [75%, 100%]" in section
+    assert "3.8e-06" in section and "0.25 → 0.30 (p 1)" in section
+    assert "600 s (590–610) over 3 runs" in section and "results/bench/pipeline.png" in section
+    assert "The answer is (B) Heparin." in section and "Maybe aspirin." in section
 
 
 def test_readme_without_markers_is_an_error(tmp_path):
