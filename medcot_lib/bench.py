@@ -779,8 +779,10 @@ def bench_pipeline(sizes: Sizes, repeats: int) -> dict:
                     **{f"{name} s": s["seconds"] for name, s in stages.items() if "seconds" in s},
                     **(effect_figures(effect) if effect else {}), **({"demo": effect} if effect else {})}
 
-    # The embedded checkpoint is materialised once per machine, before the timed runs (a new user pays it once).
+    # The embedded checkpoint is materialised once per machine, before the timed runs; a new user pays it once, on the
+    # first run, so it is timed on its own (into an empty cache) and reported beside the pipeline's figures.
     models.load_tokenizer(models.DEFAULT_MODEL)
+    materialise_s = _materialise_seconds()
     runs = alternate({"cpu-demo": run}, repeats, warmup=False)  # a warm-up would double a 15-minute run
     stats = summarize(runs["cpu-demo"])
     targets = [target("pipeline: CPU demo wall time", stats["seconds"], "<=", PIPELINE_SECONDS, " s"),
@@ -791,8 +793,19 @@ def bench_pipeline(sizes: Sizes, repeats: int) -> dict:
                         target(f"demo: McNemar p, format compliance, {name}", stats[f"format p {name}"], "<=", DEMO_P)]
     return {"settings": {"recipe": PARAMS, "stages": list(sizes.pipeline_stages or ["all"]), "warmup": "none (each run is "
                          "a full pipeline; the embedded checkpoint is materialised once before, not timed)",
+                         "materialisation_s": materialise_s,
+                         "materialisation": "GGUF -> safetensors checkpoint of the embedded model, once per machine (first "
+                                            "run only), timed into an empty cache; not included in the pipeline's seconds",
                          "rss": f"summed over the process tree (runner, notebook kernels), sampled every {PIPELINE_SAMPLE_S} s"},
             "sides": runs, "targets": targets}
+
+
+def _materialise_seconds() -> float:
+    """Seconds a new user's first run spends building the embedded checkpoint (a fresh process, an empty cache)."""
+    with tempfile.TemporaryDirectory(prefix="medcot-bench-cache-") as cache, Stopwatch() as clock:
+        subprocess.run([sys.executable, "-c", "from medcot_lib import models; models.load_tokenizer(models.DEFAULT_MODEL)"],
+                       check=True, capture_output=True, env={**os.environ, "MEDCOT_CACHE": cache})
+    return clock.seconds
 
 
 DEMO_EFFECT_SETS = ("heldout", "medqa")  # where the demo must show the learned format (issue 12)
@@ -920,22 +933,27 @@ def plot_scaling(result: dict, path: Path) -> Path:
 
 # --------------------------------------------------------------------------- sweep: why the demo trains as it does
 
-# Each point overrides the demo recipe's training settings; the first is the recipe as shipped. They vary what a teacher
-# would ask about: a gentler learning rate, half the steps, and the adapter on every layer instead of the upper half.
+# Each point sets the training knobs a teacher would ask about, on top of the demo recipe; the table marks the point
+# that the recipe ships with. Learning rate, number of steps and the schedule's shape decide how often and how hard the
+# model is pushed towards the format within the demo's time budget.
+SWEEP_KNOBS = ("learning_rate", "max_steps", "lr_scheduler_type", "layers_to_transform")
 UPPER_HALF = list(range(15, 30))  # SmolLM2-135M has 30 decoder layers
 SWEEP_POINTS = (
-    {},
-    {"learning_rate": 1.0e-3},
-    {"max_steps": 16, "eval_steps": 8, "save_steps": 8},
-    {"layers_to_transform": None},
+    {"learning_rate": 2.0e-3, "max_steps": 32, "lr_scheduler_type": "cosine", "layers_to_transform": UPPER_HALF},
+    {"learning_rate": 2.0e-3, "max_steps": 48, "lr_scheduler_type": "cosine", "layers_to_transform": UPPER_HALF},
+    {"learning_rate": 2.0e-3, "max_steps": 40, "lr_scheduler_type": "constant_with_warmup", "layers_to_transform": UPPER_HALF},
+    {"learning_rate": 1.0e-3, "max_steps": 48, "lr_scheduler_type": "cosine", "layers_to_transform": UPPER_HALF},
 )
 
 
-def _point_name(overrides: dict) -> str:
-    if not overrides:
-        return "recipe as shipped"
-    shown = {k: ("all" if v is None else "15-29" if v == UPPER_HALF else v) for k, v in overrides.items()}
+def _point_name(point: dict) -> str:
+    shown = {k: ("all" if v is None else f"{v[0]}-{v[-1]}" if isinstance(v, list) else v) for k, v in point.items()}
     return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def _evals_at(max_steps: int) -> dict:
+    """Evaluate (and checkpoint) at the start, half way and at the end, whatever the number of steps."""
+    return {"eval_steps": max_steps // 2, "save_steps": max_steps // 2}
 
 
 def _sweep_point(cfg, splits: dict, work_dir: Path) -> dict:
@@ -968,10 +986,12 @@ def bench_sweep(sizes: Sizes, repeats: int) -> dict:
     sides = {}
     with tempfile.TemporaryDirectory(prefix="medcot-bench-sweep-") as tmp:
         for number, overrides in enumerate(points):
-            cfg = recipe.validate({**base.model_dump(), **overrides, **sizes.sweep_overrides}, origin=f"sweep point {number}")
+            settings = {**overrides, **_evals_at(overrides["max_steps"]), **sizes.sweep_overrides}
+            cfg = recipe.validate({**base.model_dump(), **settings}, origin=f"sweep point {number}")
             work_dir = Path(tmp) / f"point{number}"
             sides[_point_name(overrides)] = [guarded(lambda cfg=cfg, work_dir=work_dir: _sweep_point(cfg, prepared.splits, work_dir))()]
-    return {"settings": {"recipe": PARAMS, "data": {k: len(v) for k, v in prepared.splits.items()},
+    shipped = _point_name({k: getattr(base, k) for k in SWEEP_KNOBS})
+    return {"settings": {"recipe": PARAMS, "data": {k: len(v) for k, v in prepared.splits.items()}, "recipe_point": shipped,
                          "points": [_point_name(p) for p in points], "repeats": "1 per point (seeded; train_s varies ~10% run to run)",
                          "compliance": "a closed <think> block then a non-empty answer, greedy, on the val split"},
             "sides": sides, "targets": []}
@@ -1116,7 +1136,8 @@ def demo_section(out_dir: str | Path) -> str:
     seconds = pipeline_result["summary"]["cpu-demo"]["seconds"]
     lines = [f"Measured by `{pipeline_result['command']}` on {pipeline_result['created'][:10]} "
              f"({_machine(pipeline_result['environment'])}): the whole pipeline took "
-             f"{_spread(seconds['median'], seconds['min'], seconds['max'], ' s')} over {seconds['n']} runs. "
+             f"{_spread(seconds['median'], seconds['min'], seconds['max'], ' s')} over {seconds['n']} runs, plus "
+             f"{pipeline_result.get('settings', {}).get('materialisation_s', 0):.0f} s once per machine to build the embedded checkpoint. "
              "Format: a closed `<think>` block, then a final answer. 95% bootstrap CIs; McNemar's exact test on the same "
              "items. Accuracy is reported, not claimed: a 135M model trained for minutes learns the format, not medicine.",
              "", pd.DataFrame(rows).fillna("").to_markdown(index=False), "",
@@ -1135,10 +1156,11 @@ def sweep_table(result: dict) -> str:
     rows = []
     for point, runs in result["sides"].items():
         run = runs[-1]
+        setting = point + (" (**the demo recipe**)" if point == result["settings"].get("recipe_point") else "")
         if "error" in run:
-            rows.append({"setting": point, "train s": run["error"]})
+            rows.append({"setting": setting, "train s": run["error"]})
             continue
-        rows.append({"setting": point, "train s": f"{run['train_s']:.0f}",
+        rows.append({"setting": setting, "train s": f"{run['train_s']:.0f}",
                      "eval loss first → last": f"{run['eval_loss_first']:.3f} → {run['eval_loss_last']:.3f}",
                      "val format compliance": f"{run['val_format_compliance']:.0%} (n={run['val_n']})",
                      "peak GB": f"{run['peak_memory_gb']:.1f}", "trainable params": f"{run['trainable_parameters'] / 1e6:.2f}M"})

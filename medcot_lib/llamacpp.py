@@ -147,9 +147,10 @@ class ParallelGGUF:
 
     def close(self) -> None:
         if self.ctx:
-            self.ll.llama_batch_free(self.batch)
-            self.ll.llama_free(self.ctx)
-            self.ll.llama_model_free(self.model)
+            with captured_log():  # freeing a context logs its buffer sizes
+                self.ll.llama_batch_free(self.batch)
+                self.ll.llama_free(self.ctx)
+                self.ll.llama_model_free(self.model)
             self.ctx = None
 
     def is_end_of_generation(self, token: int) -> bool:

@@ -5,6 +5,7 @@ A benchmark is not a test: only `--quick` runs here, to check that the command w
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,7 @@ def _pipeline_result(quick: bool = False) -> dict:
                   {"set": "medqa", "question": "Which drug?", "gold": "B", "base": "Maybe aspirin.",
                    "fine-tuned": "<think>\nIt is B.\n</think>\n\nThe answer is (B) Heparin."}]}
     run = {"seconds": 600.0, "peak_rss_gb": 4.0, "format fine-tuned medqa": 0.9, "demo": effect}
-    return {**_result("pipeline", quick), "sides": {"cpu-demo": [run]},
+    return {**_result("pipeline", quick), "sides": {"cpu-demo": [run]}, "settings": {"materialisation_s": 21.4},
             "summary": {"cpu-demo": {"seconds": {"median": 600.0, "min": 590.0, "max": 610.0, "n": 3}}}}
 
 
@@ -127,9 +128,9 @@ def test_demo_section_is_built_from_the_pipeline_result(tmp_path):
     assert bench.demo_section(tmp_path).startswith("_Not measured yet._")  # quick runs are never shown as figures
     (tmp_path / "pipeline.json").write_text(json.dumps(_pipeline_result()))
     section = bench.demo_section(tmp_path)
-    assert "| medqa |" in section.replace("  ", " ") and "0% [0%, 0%]" in section and "90% [75%, 100%]" in section
+    assert "| medqa | 20 |" in re.sub(" +", " ", section) and "0% [0%, 0%]" in section and "90% [75%, 100%]" in section
     assert "3.8e-06" in section and "0.25 → 0.30 (p 1)" in section
-    assert "600 s (590–610) over 3 runs" in section and "results/bench/pipeline.png" in section
+    assert "600 s (590–610) over 3 runs, plus 21 s once per machine" in section and "results/bench/pipeline.png" in section
     assert "The answer is (B) Heparin." in section and "Maybe aspirin." in section
 
 
@@ -161,3 +162,14 @@ def test_quick_bench_writes_results(tmp_path, capsys):
     assert train["settings"]["trainer"].startswith("MedcotSFTTrainer")  # the real trainer, with its loss
     assert (tmp_path / "generate.png").stat().st_size > 0
     assert bench.readme_table(tmp_path) == bench.NOT_MEASURED
+
+
+@pytest.mark.integration
+def test_quick_sweep_trains_and_scores_each_point_on_the_val_split(tmp_path):
+    result = bench.run(["sweep"], repeats=1, quick=True, out_dir=tmp_path, echo=lambda *_: None)["sweep"]
+    assert list(result["sides"]) == [bench._point_name(p) for p in bench.SWEEP_POINTS[:2]]
+    for point, (run,) in result["sides"].items():
+        assert "error" not in run, point
+        assert run["val_n"] == result["settings"]["data"]["val"] and 0 <= run["val_format_compliance"] <= 1
+        assert run["train_s"] > 0 and run["eval_loss_first"] > 0
+    assert "(**the demo recipe**)" in bench.sweep_table(result)  # the first point is the recipe's settings

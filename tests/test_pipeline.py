@@ -110,7 +110,7 @@ def test_stage_00b_distils_and_stage_05_exports_in_the_full_run(finished_run):
     cache = (run_dir / "distill/cache.jsonl").read_text().splitlines()
     assert 6 <= len(cache) <= 12  # one to two attempts per question, every generation kept
     exported = json.loads((run_dir / "metrics/05_gguf_export.json").read_text())
-    assert not exported["flagged"] and len(exported["files"]) == 4  # the F16 file and Q4_K_M, Q5_K_M, Q8_0
+    assert not exported["flagged"] and len(exported["files"]) == 3  # the F16 file, Q4_K_M and Q8_0
     assert all(Path(path).is_file() for path in exported["files"].values())
 
 
