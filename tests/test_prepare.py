@@ -92,7 +92,7 @@ def test_split_by_ratio_and_count_is_seeded():
 def test_prepare_cpu_demo_accounts_for_every_item():
     cfg = recipe.load("params/cpu-demo.yaml")
     prepared = data.prepare(cfg)
-    loaded = sum(r.kept for r in prepared.loads if r.source == "medical-o1")
+    loaded = sum(r.kept for r in prepared.loads if r.source == "medical-o1-concise")
     assert prepared.steps[0].before == loaded
     for earlier, later in zip(prepared.steps[:3], prepared.steps[1:4], strict=True):
         assert later.before == earlier.after
