@@ -241,12 +241,16 @@ def peft_config(cfg, model):
     check_layers(cfg, model)
     if targets == "all-linear" and cfg.layers_to_transform:
         # PEFT takes layers_to_transform only with explicit module names; all-linear means every linear layer but the output.
-        output = model.get_output_embeddings()
-        output_names = {name.split(".")[-1] for name, module in model.named_modules() if module is output}
-        targets = [name for name in linear_module_names(model) if name not in output_names]
+        targets = [name for name in linear_module_names(model) if name not in output_layer_names(model)]
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.lora_bias,
                       target_modules=targets, layers_to_transform=cfg.layers_to_transform, use_rslora=cfg.use_rslora,
                       use_dora=cfg.use_dora, task_type="CAUSAL_LM")
+
+
+def output_layer_names(model) -> set[str]:
+    """Name (last component) of the model's output layer, e.g. {"lm_head"}."""
+    output = model.get_output_embeddings()
+    return {name.split(".")[-1] for name, module in model.named_modules() if module is output}
 
 
 def check_layers(cfg, model) -> None:
@@ -257,6 +261,11 @@ def check_layers(cfg, model) -> None:
     outside = [i for i in cfg.layers_to_transform or [] if i >= layers]
     if outside:
         raise MedcotError(f"layers_to_transform: {outside} are not layers of this model (it has {layers}: 0 to {layers - 1})")
+    output_names = output_layer_names(model)
+    if cfg.layers_to_transform and cfg.lora_target_modules != "all-linear" and output_names & set(cfg.lora_target_modules):
+        # PEFT would skip it without a word: a module outside the decoder layers never matches the layer filter.
+        raise MedcotError(f"layers_to_transform selects decoder layers, and {', '.join(sorted(output_names))} is in none; "
+                          "target it without layers_to_transform, or drop it from lora_target_modules")
 
 
 def add_adapter(cfg, model):

@@ -7,7 +7,8 @@ from medcot_lib.errors import MedcotError
 
 
 def cfg_with(**overrides):
-    return recipe.load("params/cpu-demo.yaml", {"report_to": [], **overrides})
+    """The demo recipe with the adapter on every layer (the demo's upper-half choice has its own test)."""
+    return recipe.load("params/cpu-demo.yaml", {"report_to": [], "layers_to_transform": None, **overrides})
 
 
 def test_qlora_base_is_nf4_with_double_quantization_and_dora_on_lm_head():
@@ -38,6 +39,8 @@ def test_layers_to_transform_adapts_only_those_layers_and_must_exist():
     assert adapted == {28, 29}
     with pytest.raises(MedcotError, match=r"layers_to_transform: \[30\] are not layers of this model \(it has 30: 0 to 29\)"):
         train.add_adapter(cfg_with(layers_to_transform=[29, 30]), models.load_model(cfg))
+    with pytest.raises(MedcotError, match=r"layers_to_transform selects decoder layers, and lm_head is in none"):
+        train.add_adapter(cfg_with(layers_to_transform=[29], lora_target_modules=["q_proj", "lm_head"]), models.load_model(cfg))
 
 
 @pytest.mark.integration
