@@ -990,8 +990,7 @@ def bench_sweep(sizes: Sizes, repeats: int) -> dict:
             cfg = recipe.validate({**base.model_dump(), **settings}, origin=f"sweep point {number}")
             work_dir = Path(tmp) / f"point{number}"
             sides[_point_name(overrides)] = [guarded(lambda cfg=cfg, work_dir=work_dir: _sweep_point(cfg, prepared.splits, work_dir))()]
-    shipped = _point_name({k: getattr(base, k) for k in SWEEP_KNOBS})
-    return {"settings": {"recipe": PARAMS, "data": {k: len(v) for k, v in prepared.splits.items()}, "recipe_point": shipped,
+    return {"settings": {"recipe": PARAMS, "data": {k: len(v) for k, v in prepared.splits.items()},
                          "points": [_point_name(p) for p in points], "repeats": "1 per point (seeded; train_s varies ~10% run to run)",
                          "compliance": "a closed <think> block then a non-empty answer, greedy, on the val split"},
             "sides": sides, "targets": []}
@@ -1144,8 +1143,10 @@ def demo_section(out_dir: str | Path) -> str:
              "![Loss curves of the CPU demo](results/bench/pipeline.png)", ""]
     lines += [_example(example) + "\n" for example in effect["examples"]]
     if sweep := _measured(out_dir / "sweep.json"):
-        lines += ["Why the demo trains as it does (`medcot bench sweep`: each setting trained once on the demo data, "
-                  "format compliance on the val split, never on an eval set):", "", sweep_table(sweep)]
+        sizes = sweep["settings"]["data"]
+        lines += [f"Why the demo trains as it does (`{sweep['command']}`, {sweep['created'][:10]}: each setting trained once "
+                  f"on the demo data as it was then, {sizes['train']} training and {sizes['val']} val items; format "
+                  "compliance on the val split, never on an eval set; train s includes the evaluations):", "", sweep_table(sweep)]
     return "\n".join(lines)
 
 
@@ -1153,10 +1154,11 @@ def sweep_table(result: dict) -> str:
     """One row per sweep point: training time, eval loss, val format compliance, memory, adapter size."""
     import pandas as pd
 
+    shipped = _point_name({k: getattr(_recipe(), k) for k in SWEEP_KNOBS})  # the recipe as it is now
     rows = []
     for point, runs in result["sides"].items():
         run = runs[-1]
-        setting = point + (" (**the demo recipe**)" if point == result["settings"].get("recipe_point") else "")
+        setting = point + (" (**the demo recipe**)" if point == shipped else "")
         if "error" in run:
             rows.append({"setting": setting, "train s": run["error"]})
             continue
