@@ -183,21 +183,18 @@ def length_stats(generations: list[Generation]) -> dict:
 
 
 def check_budget(cfg, run_dir: str | Path) -> str | None:
-    """Warn (and return the warning) when max_new_tokens is below the 95th percentile of the training targets' length (stage 00 measured it):
-    a model that learned the format would then be cut off inside its reasoning, and every cut answer scores as wrong."""
+    """Warn (and return the warning) when max_new_tokens is below the 95th percentile of the training targets' length
+    that stage 00 measured: a model that learned the format would be cut off inside its reasoning, scored as wrong."""
     import json
+    import warnings
 
     stats = Path(run_dir) / "metrics" / "00_dataset_inspection.json"
     budget = json.loads(stats.read_text()).get("generation_budget") if stats.is_file() else None
-    if not budget:
+    if not budget or cfg.max_new_tokens >= budget["target_tokens"]["p95"]:
         return None
-    p95 = budget["target_tokens"]["p95"]
-    if cfg.max_new_tokens >= p95:
-        return None
-    import warnings
-
     message = (f"max_new_tokens={cfg.max_new_tokens} is below the 95th percentile of the training targets' length "
-            f"({p95:.0f} tokens, reasoning + answer, {stats}): trained answers will be cut off inside their reasoning "
-            f"and scored as wrong; stage 00 recommends max_new_tokens={budget['recommended_max_new_tokens']}")
+               f"({budget['target_tokens']['p95']:.0f} tokens, reasoning + answer, {stats}): trained answers will be cut off "
+               f"inside their reasoning and scored as wrong; stage 00 recommends "
+               f"max_new_tokens={budget['recommended_max_new_tokens']}")
     warnings.warn(message, stacklevel=2)
     return message
