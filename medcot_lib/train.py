@@ -261,11 +261,6 @@ def check_layers(cfg, model) -> None:
     outside = [i for i in cfg.layers_to_transform or [] if i >= layers]
     if outside:
         raise MedcotError(f"layers_to_transform: {outside} are not layers of this model (it has {layers}: 0 to {layers - 1})")
-    output_names = output_layer_names(model)
-    if cfg.layers_to_transform and cfg.lora_target_modules != "all-linear" and output_names & set(cfg.lora_target_modules):
-        # PEFT would skip it without a word: a module outside the decoder layers never matches the layer filter.
-        raise MedcotError(f"layers_to_transform selects decoder layers, and {', '.join(sorted(output_names))} is in none; "
-                          "target it without layers_to_transform, or drop it from lora_target_modules")
 
 
 def add_adapter(cfg, model):
