@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            from . import models, pipeline, recipe
+            from . import models, pipeline, recipe, smoke
 
             cfg = recipe.load(args.recipe, _overrides(args.parameter))
             notes = []
             if args.smoke:
-                cfg, notes = recipe.smoke(cfg)
+                cfg, notes = smoke.smoke(cfg)
                 print("\n".join(notes))
             else:
                 models.check_hardware(cfg)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .answers import extract_choice, split_think
 from .errors import MedcotError, input_error
-from .fileio import write_json, write_jsonl
+from .fileio import read_json, read_utf8, write_json, write_jsonl
 from .recipe import BUNDLED_PREFIX, DISTILLED, DatasetSource, Recipe, bundled_path, is_local_file
 
 YES_NO_MAYBE = ("yes", "no", "maybe")
@@ -159,7 +159,7 @@ def read_items(path: str | Path) -> Iterator[tuple[int, str | None, Any]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise input_error("file not found", file=path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_utf8(path)
     start = _skip_ws(text, 0)
     if start == len(text):
         raise input_error("file is empty", file=path, expected="a JSON array, a JSON object keyed by id, or JSON Lines")
@@ -726,7 +726,7 @@ def _distilled_source(source: DatasetSource, run_dir: str | Path | None) -> tupl
     path = Path(run_dir) / "distill" / "distilled.json" if run_dir is not None else None
     if path is None or not path.is_file():
         return None, "not written yet (stage 00b, teacher distillation, writes it)"
-    if not json.loads(path.read_text(encoding="utf-8")):
+    if not read_json(path):
         return None, "stage 00b accepted no teacher generations"
     return source.model_copy(update={"path": str(path), "format": "medical_o1", "name": source.label}), ""
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from . import export, generate, metrics, models, prompts
 from .answers import extract, well_formed
-from .baseline import SHOWCASE
 from .data import YES_NO_MAYBE, Record, read_items, read_records
 from .errors import MedcotError, input_error
 from .fileio import read_json, write_json, write_jsonl, write_text
+from .prompts import SHOWCASE
 
 MODELS = ("base", "fine-tuned")
 HEADLINE = {"mcq": "accuracy", "decision": "accuracy", "open": "rouge_l"}  # the metric a set is ranked by

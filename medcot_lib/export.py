@@ -33,12 +33,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import DISCLAIMER, __version__, models, prompts
-from .baseline import SHOWCASE
 from .data import Record
 from .errors import MedcotError
 from .fileio import atomic_dir, atomic_path, read_json, write_text
 from .generate import stop_ids
 from .llamacpp import captured_log, llama_threads, log_tail
+from .prompts import SHOWCASE
 
 EXPORT_DIR = "export"
 INSTALL_HINT = 'pip install -e ".[gguf]" (compiles llama.cpp once, about 5 minutes on 2 cores)'

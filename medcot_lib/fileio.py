@@ -6,10 +6,15 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .errors import input_error
+
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @contextlib.contextmanager
@@ -57,7 +62,39 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 
 def read_json(path: str | Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return json.loads(read_utf8(path))
+
+
+def read_utf8(path: str | Path) -> str:
+    """A text file's contents; bytes that are not UTF-8 raise an error naming the file, line and byte offset.
+
+    A leading byte-order mark is dropped. There is no guessing of other encodings: a latin-1 file
+    read as if it were something else would silently corrupt the medical text.
+    """
+    raw = Path(path).read_bytes()
+    skip = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line_start = raw.rfind(b"\n", 0, offset) + 1
+        raise input_error(
+            f"not valid UTF-8: byte 0x{raw[offset]:02x} at byte offset {offset} (column {offset - line_start + 1}) "
+            f"{exc.reason}",
+            file=path, line=raw.count(b"\n", 0, offset) + 1, field=_key_before(raw[:offset]),
+            expected="UTF-8 text; convert the file first, e.g. `iconv -f latin1 -t utf-8 in.json > out.json`",
+        ) from None
+
+
+# The last JSON key ("key": ...) or YAML key (key: ...) before a position: the field a bad byte belongs to.
+_JSON_KEY = re.compile(rb'"((?:[^"\\\n]|\\.)*)"\s*:')
+_YAML_KEY = re.compile(rb"^[ \t-]*([A-Za-z_][\w.-]*)[ \t]*:", re.MULTILINE)
+
+
+def _key_before(head: bytes) -> str | None:
+    head = head[-65536:]  # an item's fields lie well within 64 KiB of its bad byte; scanning a 1 GB head would crawl
+    matches = list(_JSON_KEY.finditer(head)) or list(_YAML_KEY.finditer(head))
+    return matches[-1].group(1).decode("utf-8", "replace") if matches else None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .errors import MedcotError
 from .fileio import atomic_dir
+from .recipe import DEFAULT_MODEL, cuda_only_settings
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -44,7 +45,6 @@ EMBEDDED_MODELS = {
         license="Apache-2.0",
     ),
 }
-DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
 def cache_root() -> Path:
@@ -228,8 +228,6 @@ def load_model(cfg, *, four_bit: bool | None = None):
 def check_hardware(cfg) -> None:
     """Outside smoke mode, CUDA-only settings on a machine without CUDA are an error, not a silent fallback."""
     import torch
-
-    from .recipe import cuda_only_settings
 
     if torch.cuda.is_available():
         return

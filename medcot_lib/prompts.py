@@ -30,6 +30,28 @@ INSTRUCTION_HEADER = (
     "</think> before writing the answer, and keep the answer consistent with the reasoning."
 )
 
+# Showcase questions (stages 01, 04 and 05 ask them), written for medcot, covering the seed projects' teaching themes. Educational only.
+SHOWCASE_QUESTIONS = {
+    "showcase-macrocytic-anemia":
+        "A 68-year-old woman has fatigue and tingling in both feet. Her hemoglobin is 9.4 g/dL and MCV 114 fL, "
+        "and the smear shows hypersegmented neutrophils. How should this macrocytic anemia be worked up, and "
+        "what is the most likely cause?",
+    "showcase-hemolytic-transfusion-reaction":
+        "Ten minutes into a red cell transfusion after hip surgery, a 72-year-old man develops fever, chills, "
+        "flank pain and hypotension, and his urine turns dark. What is happening, and what should be done right away?",
+    "showcase-iron-deficiency-vs-chronic-disease":
+        "A 58-year-old man with rheumatoid arthritis has a hemoglobin of 10.1 g/dL and an MCV of 78 fL. Ferritin is "
+        "85 ng/mL and transferrin saturation 9%. How do you tell iron deficiency from anemia of chronic disease "
+        "here, and which test would settle it?",
+    "showcase-inferior-stemi":
+        "A 61-year-old man has chest pain with ST elevation in leads II, III and aVF, and his blood pressure falls "
+        "after sublingual nitroglycerin. Which artery is most likely occluded, and why did the nitrate cause hypotension?",
+    "showcase-alcohol-macrocytosis":
+        "A 49-year-old man who drinks heavily has an MCV of 104 fL, a normal hemoglobin, and normal vitamin B12 and "
+        "folate levels. What explains the macrocytosis, and what would you expect if he stops drinking?",
+}
+SHOWCASE = [Record(id=key, source="showcase", question=text, answer="") for key, text in SHOWCASE_QUESTIONS.items()]
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _SENTINEL = "\u2063MEDCOT-END-OF-TURN\u2063"
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from medcot_lib import baseline, data, export, models, prompts, recipe, train
+from medcot_lib import baseline, data, export, models, prompts, recipe, smoke, train
 from medcot_lib.errors import MedcotError
 
 N_TOKENS = 16  # greedy tokens compared per showcase prompt
@@ -456,6 +456,6 @@ def test_export_recipe_fields_are_validated(overrides, message):
 
 def test_smoke_mode_never_pushes_and_merges_in_fp32():
     cfg = cfg_with(push_to_hub=True, hub_model_id="someone/t", export_dtype="bfloat16")
-    smoked, log = recipe.smoke(cfg)
+    smoked, log = smoke.smoke(cfg)
     assert smoked.push_to_hub is False and smoked.export_dtype == "float32"
     assert "smoke: push_to_hub True -> False" in log

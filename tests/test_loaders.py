@@ -258,3 +258,35 @@ def test_concise_sample_is_short_balanced_and_shaped_like_the_eval_prompts():
     letters = [r.gold for r in mcq]
     assert max(letters.count(x) for x in "ABCD") - min(letters.count(x) for x in "ABCD") <= 5  # no letter bias to learn
     assert all(list(r.options) == list("ABCD") and "answer is" not in r.answer.lower() for r in mcq)
+
+
+def test_latin1_bytes_name_file_line_field_and_offset(tmp_path):
+    path = tmp_path / "o1.jsonl"
+    good = json.dumps({"Question": "q", "Complex_CoT": "c", "Response": "r"}).encode()
+    path.write_bytes(good + b'\n{"Question": "Caf\xe9 au lait spots?", "Complex_CoT": "c", "Response": "r"}\n')
+    offset = len(good) + 1 + len('{"Question": "Caf')
+    with pytest.raises(MedcotError, match=rf"o1.jsonl, line 2, field 'Question': not valid UTF-8: byte 0xe9 at byte offset "
+                                          rf"{offset} \(column 18\).*\(expected UTF-8 text"):
+        load(path)
+
+
+def test_random_bytes_are_a_clear_error_not_a_traceback(tmp_path):
+    path = tmp_path / "noise.json"
+    path.write_bytes(bytes([0x9E, 0xFF, 0x00, 0x80]) * 64)
+    with pytest.raises(MedcotError, match=r"noise.json, line 1: not valid UTF-8: byte 0x9e at byte offset 0"):
+        load(path)
+
+
+def test_utf8_with_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"Question": "Caf\u00e9?", "Complex_CoT": "c", "Response": "r"}]).encode())
+    records, _ = load(path)
+    assert records[0].question == "Caf\u00e9?"
+
+
+def test_non_utf8_ground_truth_names_its_file(write, tmp_path):
+    data = write("ori_pqal.json", json.dumps({"1": {"QUESTION": "q", "CONTEXTS": ["c"], "final_decision": "yes"}}))
+    truth = tmp_path / "test_ground_truth.json"
+    truth.write_bytes(b'{"1": "y\xe8s"}')
+    with pytest.raises(MedcotError, match=r"test_ground_truth.json, line 1, field '1': not valid UTF-8"):
+        load(data, ground_truth=str(truth))

@@ -97,3 +97,14 @@ def test_runner_makes_local_data_paths_absolute(tmp_path, monkeypatch):
 def test_a_key_upstream_renamed_names_its_new_name(tmp_path):
     with pytest.raises(MedcotError, match="gradient_checkpointing: renamed activation_checkpointing"):
         recipe.load(write_recipe(tmp_path, BASE + "gradient_checkpointing: true\n"))
+
+
+def test_latin1_recipe_names_file_line_and_key_and_the_cli_exits_2(tmp_path, capsys):
+    from medcot_lib import cli
+
+    path = tmp_path / "r.yaml"
+    path.write_bytes(BASE.encode() + b"run_name: caf\xe9\n")
+    with pytest.raises(MedcotError, match=r"r.yaml, line 4, field 'run_name': not valid UTF-8: byte 0xe9"):
+        recipe.load(path)
+    assert cli.main(["validate", str(path)]) == 2
+    assert "line 4, field 'run_name': not valid UTF-8" in capsys.readouterr().err

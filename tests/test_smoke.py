@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medcot_lib import models, recipe, train
+from medcot_lib import models, recipe, smoke, train
 from medcot_lib.errors import MedcotError
 
 SEEDS = sorted(p for p in Path("params").glob("*.yaml") if p.name != "cpu-demo.yaml")
@@ -30,7 +30,7 @@ def test_cuda_only_settings_are_an_error_outside_smoke_mode():
 
 def test_smoke_keeps_the_method_and_maps_only_what_it_must():
     cfg = recipe.load("params/llama31-8b-hematology-dora.yaml")
-    smoked, log = recipe.smoke(cfg)
+    smoked, log = smoke.smoke(cfg)
     kept = ["use_dora", "load_in_4bit", "lora_r", "lora_alpha", "lora_target_modules", "prompt_style", "system_prompt",
             "packing", "completion_only_loss", "lr_scheduler_type", "warmup_steps", "learning_rate",
             "bnb_4bit_use_double_quant", "activation_checkpointing", "seed"]
@@ -41,7 +41,7 @@ def test_smoke_keeps_the_method_and_maps_only_what_it_must():
     assert [s.path for s in smoked.dataset_mixture] == ["run:distilled", "bundled:medqa", "bundled:pubmedqa"]
     assert [s.weight for s in smoked.dataset_mixture] == [1.0, 0.5, 0.1]
     assert (smoked.teacher_model, smoked.teacher_backend, smoked.distill_attempts) == (models.DEFAULT_MODEL, "llamacpp", 2)
-    assert [s.max_samples for s in smoked.distill_sources] == [recipe.SMOKE_DISTILL_QUESTIONS] * 2
+    assert [s.max_samples for s in smoked.distill_sources] == [smoke.SMOKE_DISTILL_QUESTIONS] * 2
     assert "smoke: optim 'paged_adamw_32bit' -> 'adamw_torch'" in log and "smoke: tf32 True -> False" in log
     assert all(line.startswith("smoke: ") for line in log)
     models.check_hardware(smoked)  # nothing CUDA-only is left
@@ -67,4 +67,4 @@ def test_every_seed_recipe_smoke_runs_stages_00_to_03(path, tmp_path):
     assert adapter["use_dora"] == cfg.use_dora and adapter["r"] == cfg.lora_r
     if cfg.lora_target_modules != "all-linear":
         assert set(adapter["target_modules"]) == set(cfg.lora_target_modules)
-    assert json.loads((run_dir / "metrics" / "03_qlora_train.json").read_text())["global_step"] == recipe.SMOKE_STEPS
+    assert json.loads((run_dir / "metrics" / "03_qlora_train.json").read_text())["global_step"] == smoke.SMOKE_STEPS
