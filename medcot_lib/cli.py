@@ -24,10 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="output directory (default: results/<run_name>)")
     run.add_argument("--notebooks", type=Path, help="directory holding the stage notebooks (default: the checkout's notebooks/)")
     run.add_argument("--overwrite", action="store_true", help="replace a finished run, or restart an unfinished one")
+    run.add_argument("--check", action="store_true",
+                     help="check everything that can be checked before the first stage and print the plan; run nothing")
     run.add_argument("--smoke", action="store_true",
                      help="run the recipe's code path on CPU: embedded model, bundled data, a few steps, CUDA-only settings mapped")
 
-    validate = sub.add_parser("validate", help="check recipe files and report every problem")
+    validate = sub.add_parser("validate", help="check recipe files (keys, values, GGUF types) and report every problem")
     validate.add_argument("recipes", type=Path, nargs="+")
 
     board = sub.add_parser("leaderboard", help="rebuild results/leaderboard.{csv,md} from every evaluated run")
@@ -50,30 +52,43 @@ def _overrides(pairs: list[list[str]]) -> dict:
     return {key: yaml.safe_load(value) for key, value in pairs}
 
 
+def _run(args: argparse.Namespace) -> int:
+    """medcot run: pre-flight checks (all problems at once, nothing written), then the stages; --check stops after the plan."""
+    from . import pipeline, preflight, recipe, smoke
+
+    cfg = recipe.load(args.recipe, _overrides(args.parameter))
+    notes = None
+    if args.smoke:
+        cfg, notes = smoke.smoke(cfg)
+        if not args.check:
+            print("\n".join(notes))
+    notebooks_dir = args.notebooks or pipeline.repo_root() / "notebooks"
+    stages = [s.stem for s in pipeline.select_stages(pipeline.discover_stages(notebooks_dir), args.stages)]
+    run_dir = pipeline.resolve_run_dir(cfg, args.run_dir)
+    plan = preflight.check(pipeline.absolute_paths(cfg), run_dir, stages, notes)
+    if args.check:
+        print(f"plan for {args.recipe} -> {run_dir}\n{plan.render()}")
+        return 2 if plan.problems else 0
+    plan.ensure_ok()
+    run_dir = pipeline.run(cfg, run_dir=run_dir, stages=args.stages, notebooks_dir=notebooks_dir,
+                           overwrite=args.overwrite, notes=notes or [])
+    print(f"run directory: {run_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            from . import models, pipeline, recipe, smoke
-
-            cfg = recipe.load(args.recipe, _overrides(args.parameter))
-            notes = []
-            if args.smoke:
-                cfg, notes = smoke.smoke(cfg)
-                print("\n".join(notes))
-            else:
-                models.check_hardware(cfg)
-            run_dir = pipeline.run(cfg, run_dir=args.run_dir, stages=args.stages, notebooks_dir=args.notebooks,
-                                   overwrite=args.overwrite, notes=notes)
-            print(f"run directory: {run_dir}")
+            return _run(args)
         elif args.command == "validate":
-            from . import recipe
+            from . import preflight, recipe
 
             failures = 0
             for path in args.recipes:
                 try:
-                    recipe.load(path)
-                    print(f"{path}: ok")
+                    preflight.check_quant_types_if_installed(recipe.load(path))
+                    print(f"{path}: ok (the recipe; `medcot run {path} --check` checks data, model, disk and hub access)")
                 except MedcotError as exc:
                     print(f"medcot: error: {exc}", file=sys.stderr)
                     failures += 1

@@ -26,7 +26,15 @@ import numpy as np
 from .answers import extract_choice, split_think
 from .errors import MedcotError, input_error
 from .fileio import read_json, read_utf8, write_json, write_jsonl
-from .recipe import BUNDLED_PREFIX, DISTILLED, DatasetSource, Recipe, bundled_path, is_local_file
+from .recipe import (
+    BUNDLED_PREFIX,
+    DISTILLED,
+    DatasetSource,
+    Recipe,
+    bundled_path,
+    is_dataset_dir,
+    is_local_file,
+)
 
 YES_NO_MAYBE = ("yes", "no", "maybe")
 
@@ -203,10 +211,13 @@ def detect_format(item: Any, keyed: bool) -> str:
 @dataclass
 class _Where:
     file: str
-    line: int
+    line: int  # the file's line, or the row number of a dataset read through `load_dataset`
     report: LoadReport
+    rows: bool = False
 
     def error(self, message: str, field: str | None = None, expected: str | None = None) -> MedcotError:
+        if self.rows:
+            return input_error(message, file=self.file, row=self.line, field=field, expected=expected)
         return input_error(message, file=self.file, line=self.line, field=field, expected=expected)
 
     def text(self, item: dict, name: str, expected: str = "a non-empty string") -> str:
@@ -420,10 +431,10 @@ _NORMALISERS = {
 
 
 def reference_file(reference: str) -> Path | None:
-    """The local file behind a data reference (bundled:NAME or a path), or None for a hub dataset id."""
+    """The local file behind a data reference (bundled:NAME or a path); None for a hub id or a hub-layout directory."""
     if reference.startswith(BUNDLED_PREFIX):
         return bundled_path(reference)
-    if is_local_file(reference):
+    if is_local_file(reference) and not is_dataset_dir(reference):
         return Path(reference).expanduser()
     return None
 
@@ -436,6 +447,9 @@ def _hub_rows(source: DatasetSource) -> Iterator[tuple[int, str | None, Any]]:
     try:
         rows = load_dataset(source.path, source.config, split=source.split, token=hub_token())
     except Exception as exc:  # datasets raises several types for offline/missing; all mean "cannot load"
+        if is_dataset_dir(source.path):
+            raise MedcotError(f"{source.path}: the dataset directory (config {source.config!r}, split {source.split!r}) could "
+                              f"not be loaded: {type(exc).__name__}: {exc}") from None
         raise MedcotError(
             f"dataset '{source.path}' (config {source.config!r}, split {source.split!r}) could not be loaded from the "
             f"Hugging Face Hub: {type(exc).__name__}: {exc}. If you are offline, download the file on a connected "
@@ -443,6 +457,12 @@ def _hub_rows(source: DatasetSource) -> Iterator[tuple[int, str | None, Any]]:
         ) from None
     for index, row in enumerate(rows):
         yield index + 1, None, row
+
+
+def _dataset_origin(source: DatasetSource) -> str:
+    """How errors name a dataset read through `load_dataset`: the hub id or directory, with its config and split."""
+    where = str(Path(source.path).expanduser()) if is_dataset_dir(source.path) else f"hub:{source.path}"
+    return f"{where} (config {source.config or 'default'}, split {source.split})"
 
 
 def _load_ground_truth(path: Path) -> dict[str, str]:
@@ -458,13 +478,13 @@ def _load_ground_truth(path: Path) -> dict[str, str]:
 def load_source(source: DatasetSource) -> tuple[list[Record], LoadReport]:
     """Load one source into Records, with a report of what was skipped or repaired."""
     path = reference_file(source.path)
-    origin = str(path) if path else f"hub:{source.path}"
+    origin = str(path) if path else _dataset_origin(source)
     items = read_items(path) if path else _hub_rows(source)
     report = LoadReport(source=source.label, path=origin, format=source.format)
     truth = _load_ground_truth(reference_file(source.ground_truth)) if source.ground_truth else None
     records, seen = [], set()
     for n, (line, key, item) in enumerate(items):
-        where = _Where(origin, line, report)
+        where = _Where(origin, line, report, rows=path is None)
         if report.format == "auto":
             report.format = detect_format(item, keyed=key is not None)
         if not isinstance(item, dict):
@@ -505,16 +525,26 @@ class StepReport:
     dropped: int
     reasons: dict[str, int]
     examples: list[str]  # a few dropped ids, with what they collided with where relevant
+    observed: str = ""  # what the step saw, e.g. the range of reasoning lengths, for when it drops everything
 
     @property
     def after(self) -> int:
         return self.before - self.dropped
 
 
-def step_report(step: str, source: str, before: int, dropped: list[tuple[Record, str, str]]) -> StepReport:
+def step_report(step: str, source: str, before: int, dropped: list[tuple[Record, str, str]], observed: str = "") -> StepReport:
     reasons = Counter(reason for _, reason, _ in dropped)
     examples = [f"{r.id}{' ~ ' + other if other else ''}" for r, _, other in dropped[:5]]
-    return StepReport(step, source, before, len(dropped), dict(reasons), examples)
+    return StepReport(step, source, before, len(dropped), dict(reasons), examples, observed)
+
+
+def reasoning_lengths(records: list[Record]) -> str:
+    """The range of reasoning lengths in characters, as a filter's error message shows it."""
+    lengths = sorted(len(r.reasoning) for r in records if r.reasoning)
+    without = len(records) - len(lengths)
+    seen = (f"reasoning lengths {lengths[0]}-{lengths[-1]} chars (median {lengths[len(lengths) // 2]})"
+            if lengths else "no item has reasoning")
+    return seen + (f"; {without} of {len(records)} items have none" if lengths and without else "")
 
 
 def quality_filter(records: list[Record], min_cot_chars: int) -> tuple[list[Record], StepReport]:
@@ -530,7 +560,7 @@ def quality_filter(records: list[Record], min_cot_chars: int) -> tuple[list[Reco
             dropped.append((r, f"reasoning shorter than {min_cot_chars} chars", ""))
         else:
             kept.append(r)
-    return kept, step_report("quality", "all", len(records), dropped)
+    return kept, step_report("quality", "all", len(records), dropped, reasoning_lengths(records))
 
 
 def normalise_text(text: str) -> str:
@@ -655,7 +685,7 @@ def sample_mixture(by_source: dict[str, list[Record]], sources: list[DatasetSour
     return mixed, reports
 
 
-def _size(value: float, total: int) -> int:
+def split_size(value: float, total: int) -> int:
     return int(value) if value >= 1 else round(value * total)
 
 
@@ -663,7 +693,7 @@ def split(records: list[Record], val_size: float, test_size: float, seed: int) -
     """Seeded shuffle, then test and validation are cut off the front; the rest is train."""
     order = list(records)
     random.Random(seed).shuffle(order)
-    n_test, n_val = _size(test_size, len(order)), _size(val_size, len(order))
+    n_test, n_val = split_size(test_size, len(order)), split_size(val_size, len(order))
     if n_test + n_val >= len(order):
         raise MedcotError(f"val_size + test_size ask for {n_val + n_test} items but only {len(order)} remain after filtering")
     return {"train": order[n_test + n_val :], "val": order[n_test : n_test + n_val], "test": order[:n_test]}
@@ -759,8 +789,40 @@ def prepare(cfg: Recipe, run_dir: str | Path | None = None) -> Prepared:
     if not mixed and len(pending) == len(cfg.dataset_mixture):  # only the distilled set, not written yet
         return Prepared({"train": [], "val": [], "test": []}, eval_sets, train_loads + eval_loads, steps)
     if not mixed:
-        raise MedcotError("no training items are left after filtering; see the drop table")
+        raise MedcotError(why_nothing_is_left(cfg, train_loads, steps))
     return Prepared(split(mixed, cfg.val_size, cfg.test_size, cfg.seed), eval_sets, train_loads + eval_loads, steps)
+
+
+# The recipe setting behind each filtering step, named when a step leaves no training items.
+STEP_SETTINGS = {"quality": "min_cot_chars", "deduplicate": "near_duplicate_threshold",
+                 "decontaminate": "decontamination_chars"}
+
+
+def _setting(step: str, cfg: Recipe) -> str:
+    if step == "mixture":
+        return ", ".join(f"dataset_mixture {s.label}: weight={s.weight}, max_samples={s.max_samples}" for s in cfg.dataset_mixture)
+    return f"{STEP_SETTINGS[step]}={getattr(cfg, STEP_SETTINGS[step])}"
+
+
+def why_nothing_is_left(cfg: Recipe, loads: list[LoadReport], steps: list[StepReport]) -> str:
+    """Name the step, and the setting, that removed the last training items, with what the step saw."""
+    if not sum(load.kept for load in loads):
+        sources = "; ".join(f"{load.source} ({load.path}): read {load.read}, kept 0"
+                            + "".join(f", skipped {n}: {why}" for why, n in load.skipped.items()) for load in loads)
+        return f"no training items are left: the training sources yielded no usable items ({sources})"
+    emptied = next((s for s in steps if s.source == "all" and s.before and not s.after), None)
+    if emptied is None:  # the per-source mixture sampling took nothing
+        emptied = StepReport("mixture", "all", sum(s.before for s in steps if s.step == "mixture"),
+                             sum(s.dropped for s in steps if s.step == "mixture"),
+                             dict(sum((Counter(s.reasons) for s in steps if s.step == "mixture"), Counter())), [])
+    reasons = "; ".join(f"{why}: {n}" for why, n in emptied.reasons.items())
+    text = (f"no training items are left: the {emptied.step} step (setting `{_setting(emptied.step, cfg)}`) removed all "
+            f"{emptied.before} ({reasons})")
+    if emptied.observed:
+        text += f"; it saw {emptied.observed}"
+    if emptied.examples:
+        text += f"; e.g. {', '.join(emptied.examples[:3])}"
+    return text
 
 
 def save_prepared(prepared: Prepared, run_dir: str | Path) -> Path:

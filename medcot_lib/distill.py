@@ -83,7 +83,7 @@ class Teacher:
         return self._count(text)
 
 
-def _gguf_path(reference: str) -> Path:
+def gguf_path(reference: str) -> Path:
     if reference.startswith(models.EMBEDDED_PREFIX):
         return models.embedded_gguf_path(reference)
     path = Path(reference).expanduser()
@@ -95,7 +95,7 @@ def _gguf_path(reference: str) -> Path:
 def _llamacpp_teacher(cfg) -> Teacher:
     from .llamacpp import open_chat_model
 
-    path = _gguf_path(cfg.teacher_model)
+    path = gguf_path(cfg.teacher_model)
     try:
         llm = open_chat_model(path, n_ctx=cfg.max_length + cfg.distill_max_new_tokens, seed=cfg.seed)
     except (ValueError, RuntimeError) as exc:

@@ -88,10 +88,14 @@ def embedded_gguf_path(reference: str) -> Path:
     raise MedcotError(f"{spec.distribution} {installed} does not contain {spec.gguf_name}; reinstall it: {hint}")
 
 
+def embedded_checkpoint_dir(reference: str) -> Path:
+    """Where the embedded model's checkpoint is cached (it may not be built yet)."""
+    return cache_root() / "models" / f"{reference.removeprefix(EMBEDDED_PREFIX)}-{embedded_spec(reference).version}"
+
+
 def embedded_checkpoint(reference: str) -> Path:
     """Return the cached safetensors checkpoint of an embedded model, building it on first use."""
-    spec = embedded_spec(reference)
-    target = cache_root() / "models" / f"{reference.removeprefix(EMBEDDED_PREFIX)}-{spec.version}"
+    target = embedded_checkpoint_dir(reference)
     if (target / "config.json").exists():
         return target
     gguf_path = embedded_gguf_path(reference)

@@ -26,11 +26,13 @@ from typing import Any
 from . import DISCLAIMER, __version__
 from .data import reference_file
 from .errors import MedcotError
-from .fileio import read_json, sha256_file, write_json
-from .recipe import BUNDLED_PREFIX, DISTILLED, Recipe, is_local_file, to_parameters
+from .fileio import read_utf8, sha256_file, write_json
+from .recipe import BUNDLED_PREFIX, DISTILLED, Recipe, is_dataset_dir, is_local_file, to_parameters
 
 STAGE_FILE = re.compile(r"^(\d\d[a-z]?)_[a-z0-9_]+\.ipynb$")
 MANIFEST = "manifest.json"
+# Bumped when the run directory's layout or the manifest's meaning changes; an older run directory is refused.
+MANIFEST_SCHEMA = 1
 # Optional stages and the recipe switch that turns each on; the others always run.
 OPTIONAL_STAGES = {"00b_teacher_cot": "distillation"}
 
@@ -124,7 +126,14 @@ def data_hashes(cfg: Recipe) -> dict[str, str]:
                 hashes[ref] = "written by stage 00b in this run: distill/distilled.json"
                 continue
             path = reference_file(ref)
-            hashes[ref] = f"sha256:{sha256_file(path)}" if path else f"hub:{ref} (config {source.config}, split {source.split})"
+            if path:
+                hashes[ref] = f"sha256:{sha256_file(path)}"
+            elif is_dataset_dir(ref):
+                files = sorted(p for p in Path(ref).expanduser().rglob("*") if p.is_file() and ".cache" not in p.parts)
+                digest = hashlib.sha256("".join(f"{p.relative_to(Path(ref).expanduser())}:{sha256_file(p)}\n" for p in files).encode())
+                hashes[ref] = f"sha256 of {len(files)} files:{digest.hexdigest()} (config {source.config}, split {source.split})"
+            else:
+                hashes[ref] = f"hub:{ref} (config {source.config}, split {source.split})"
     return hashes
 
 
@@ -189,18 +198,46 @@ def _ipc_kernel_manager(socket_dir: str):
     return IPCKernelManager
 
 
+def resolve_run_dir(cfg: Recipe, run_dir: Path | None) -> Path:
+    """--run-dir, else results/<run_name> in the checkout."""
+    return (run_dir or repo_root() / "results" / cfg.run_name).resolve()
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The run's manifest, refused (with what to do) when it is corrupt or was written by another medcot version."""
+    path = run_dir / MANIFEST
+    restart = "pass --overwrite to start the run again, or use another --run-dir"
+    try:
+        manifest = json.loads(read_utf8(path))
+    except json.JSONDecodeError as exc:
+        raise MedcotError(f"{path}, line {exc.lineno}: the manifest is corrupt ({exc.msg}), so this run cannot be "
+                          f"resumed safely; {restart}") from None
+    if not isinstance(manifest, dict) or not {"status", "params_hash", "stages"} <= set(manifest):
+        raise MedcotError(f"{path}: the manifest is corrupt (expected an object with status, params_hash and stages), "
+                          f"so this run cannot be resumed safely; {restart}")
+    written_by = manifest.get("versions", {}).get("medcot")
+    if manifest.get("manifest_schema") != MANIFEST_SCHEMA or written_by != __version__:
+        raise MedcotError(f"{run_dir} was written by medcot {written_by or 'of an unknown older version'} "
+                          f"(manifest schema {manifest.get('manifest_schema', 'none')}); this is medcot {__version__} "
+                          f"(schema {MANIFEST_SCHEMA}). Outputs of two versions must not be mixed in one run: {restart}, "
+                          f"or resume it with medcot {written_by or 'as it was then'}")
+    return manifest
 
 
 def _open_manifest(run_dir: Path, cfg: Recipe, params: dict, overwrite: bool) -> dict[str, Any]:
     path = run_dir / MANIFEST
     if path.exists() and not overwrite:
-        old = read_json(path)
+        old = read_manifest(run_dir)
         if old.get("status") == "finished":
             raise MedcotError(f"{run_dir} holds a finished run; pass --overwrite to replace it, or use another --run-dir")
         if old.get("params_hash") != params_hash(params):
             raise MedcotError(f"{run_dir} holds an unfinished run with different parameters; pass --overwrite to start again, or use another --run-dir")
+        # Provenance: when the run was resumed, and what the interrupted attempt left half-written.
+        old.setdefault("resumes", []).append({"at": _now(), "removed_leftovers": _remove_leftovers(run_dir)})
         return old
     if path.exists():
         _clear_run(run_dir)
@@ -208,6 +245,7 @@ def _open_manifest(run_dir: Path, cfg: Recipe, params: dict, overwrite: bool) ->
         raise MedcotError(f"{run_dir} exists, is not empty and has no {MANIFEST}; refusing to write into it")
     return {
         "run_name": cfg.run_name,
+        "manifest_schema": MANIFEST_SCHEMA,
         "status": "running",
         "created": _now(),
         "params_hash": params_hash(params),
@@ -220,6 +258,22 @@ def _open_manifest(run_dir: Path, cfg: Recipe, params: dict, overwrite: bool) ->
         "disclaimer": DISCLAIMER,
         "stages": {},
     }
+
+
+def _remove_leftovers(run_dir: Path) -> list[str]:
+    """Delete what a killed run left half-written: atomic writes' temporaries (.NAME.*.tmp) and partial notebooks.
+
+    Every result is written to a temporary beside it and renamed when complete (fileio.atomic_path/atomic_dir),
+    so a temporary is by construction incomplete; a resumed stage writes its outputs afresh.
+    """
+    import shutil
+
+    removed = []
+    for path in sorted(run_dir.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        if path.exists() and (path.name.endswith(".tmp") or path.name.endswith(".partial.ipynb")):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(str(path.relative_to(run_dir)))
+    return removed
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -245,7 +299,7 @@ def run(
     cfg = absolute_paths(cfg)
     notebooks_dir = notebooks_dir or repo_root() / "notebooks"
     selected = select_stages(discover_stages(notebooks_dir), stages)
-    run_dir = (run_dir or repo_root() / "results" / cfg.run_name).resolve()
+    run_dir = resolve_run_dir(cfg, run_dir)
     params = to_parameters(cfg)
     manifest = _open_manifest(run_dir, cfg, params, overwrite)
     manifest["status"] = "running"

@@ -60,6 +60,11 @@ def is_local_file(path: str) -> bool:
     return path.endswith((".json", ".jsonl")) or path.startswith((".", "/", "~"))
 
 
+def is_dataset_dir(path: str) -> bool:
+    """A local directory laid out like a hub dataset (README.md `configs:` and data files), read by `load_dataset`."""
+    return is_local_file(path) and Path(path).expanduser().is_dir()
+
+
 def _check_data_reference(path: str) -> str:
     if path == DISTILLED:
         return path
@@ -67,7 +72,7 @@ def _check_data_reference(path: str) -> str:
         if not bundled_path(path).is_file():
             raise ValueError(f"bundled file for {path} is missing from the installed package (reinstall medcot)")
     elif is_local_file(path):
-        if not Path(path).expanduser().is_file():
+        if not Path(path).expanduser().exists():
             raise ValueError(f"file not found: {path}")
     elif not HUB_ID.match(path):
         raise ValueError(f"'{path}' is neither bundled:NAME, a .json/.jsonl file, nor a hub id like org/name")
@@ -79,10 +84,10 @@ class DatasetSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str  # bundled:NAME, a local .json/.jsonl file, or a hub id
+    path: str  # bundled:NAME, a local .json/.jsonl file, a hub id, or a local directory laid out like a hub dataset
     name: str | None = None  # label used in reports; defaults to the file or dataset name
     format: Literal[FORMATS] = "auto"  # type: ignore[valid-type]
-    config: str | None = None  # hub config, e.g. en, zh, en_mix, zh_mix for medical-o1
+    config: str | None = None  # hub (or hub-layout directory) config, e.g. en, zh, en_mix, zh_mix for medical-o1
     split: str = "train"  # hub split
     ground_truth: str | None = None  # PubMedQA {pmid: decision} file selecting the official test split
     weight: float = Field(1.0, gt=0, le=1)  # fraction of this source to keep (after filtering)
@@ -103,6 +108,8 @@ class DatasetSource(BaseModel):
             return self.path.removeprefix(BUNDLED_PREFIX)
         if self.path == DISTILLED:
             return "distilled"
+        if is_dataset_dir(self.path):
+            return Path(self.path).name + (f"-{self.config}" if self.config else "")
         if is_local_file(self.path):
             return Path(self.path).stem
         return self.path.split("/")[-1] + (f"-{self.config}" if self.config else "")

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from medcot_lib import baseline, data, export, models, prompts, recipe, smoke, train
 from medcot_lib.errors import MedcotError
+from medcot_lib.export import merging as export_merging
 
 N_TOKENS = 16  # greedy tokens compared per showcase prompt
 HELD_OUT_TOKENS = 384  # perplexity budget: enough to separate F16 from Q4_K_M, cheap on 2 cores
@@ -86,7 +87,7 @@ def test_a_naive_merge_into_tied_embeddings_fails_the_check(exported, tmp_path, 
     """Without untying, PEFT writes the lm_head update into the shared tensor; the check must catch it."""
     run_dir = tmp_path / "naive"
     shutil.copytree(exported["run_dir"] / "adapter", run_dir / "adapter")
-    monkeypatch.setattr(export, "_untie_embeddings", lambda model: False)
+    monkeypatch.setattr(export_merging, "_untie_embeddings", lambda model: False)
     export.merge(exported["cfg"], run_dir)
     check = export.check_merge(exported["cfg"], run_dir, records=SHOWCASE[:1])
     assert not check["ok"] and check["max_abs_diff"] > 0.1

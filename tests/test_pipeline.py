@@ -188,10 +188,13 @@ def test_bad_recipe_fails_before_anything_is_written(tmp_path):
 
 
 def test_failing_stage_keeps_its_traceback_and_nothing_half_written(tmp_path):
+    # Training on an eval set passes pre-flight (which does not decontaminate) and then empties stage 00's training set.
     run_dir = tmp_path / "fail"
-    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "min_cot_chars", "100000", check=False)
+    result = medcot("run", "params/cpu-demo.yaml", "--run-dir", run_dir, "-p", "dataset_mixture", "[{path: bundled:medqa}]",
+                    "-p", "min_cot_chars", "0", check=False)
     assert result.returncode == 2
-    assert "stage 00_dataset_inspection failed: MedcotError: no training items are left" in result.stderr
+    assert ("stage 00_dataset_inspection failed: MedcotError: no training items are left: the decontaminate step "
+            "(setting `decontamination_chars=64`)") in result.stderr
     assert (run_dir / "00_dataset_inspection.failed.ipynb").is_file()
     assert not (run_dir / "data").exists() and not list(run_dir.glob(".*partial*"))
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"

@@ -105,9 +105,31 @@ def test_prepare_cpu_demo_accounts_for_every_item():
     assert {k: [r.id for r in v] for k, v in again.splits.items()} == {k: [r.id for r in v] for k, v in prepared.splits.items()}
 
 
-def test_prepare_refuses_when_filters_leave_nothing():
+def test_prepare_refuses_when_filters_leave_nothing_naming_the_step_setting_and_lengths():
     cfg = recipe.load("params/cpu-demo.yaml", {"min_cot_chars": 100_000})
-    with pytest.raises(MedcotError, match="no training items are left"):
+    with pytest.raises(MedcotError, match=r"no training items are left: the quality step \(setting `min_cot_chars=100000`\) "
+                                          r"removed all 234 .*it saw reasoning lengths \d+-\d+ chars \(median \d+\)"):
+        data.prepare(cfg)
+
+
+def test_decontamination_that_removes_everything_is_named():
+    cfg = recipe.load("params/cpu-demo.yaml", {"dataset_mixture": [{"path": "bundled:medqa"}], "min_cot_chars": 0})
+    with pytest.raises(MedcotError, match=r"the decontaminate step \(setting `decontamination_chars=64`\) removed all 84 "
+                                          r"\(shares 64\+ chars with eval data: 84\); e.g. medqa-000000 ~ medqa-000000"):
+        data.prepare(cfg)
+
+
+def test_mixture_that_samples_nothing_names_the_weight():
+    cfg = recipe.load("params/cpu-demo.yaml", {"dataset_mixture": [{"path": "bundled:medmcqa", "weight": 0.01}], "min_cot_chars": 0})
+    with pytest.raises(MedcotError, match=r"the mixture step \(setting `dataset_mixture medmcqa: weight=0.01, max_samples=None`\)"):
+        data.prepare(cfg)
+
+
+def test_sources_with_no_usable_items_are_named(write):
+    path = write("mcqa.jsonl", [{"question": "q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": None}] * 3)
+    cfg = recipe.load("params/cpu-demo.yaml", {"dataset_mixture": [{"path": str(path)}], "min_cot_chars": 0})
+    with pytest.raises(MedcotError, match=r"the training sources yielded no usable items \(mcqa .*read 3, kept 0, "
+                                          r"skipped 3: no answer key"):
         data.prepare(cfg)
 
 

@@ -72,3 +72,24 @@ def test_the_library_has_no_import_cycle():
 def test_the_recipe_schema_sits_at_the_bottom():
     """recipe is schema and validation: it may use errors and fileio, nothing that reads data or loads models."""
     assert import_graph()["recipe"] <= {"errors", "fileio"}
+
+
+def notebook_modules(notebook: Path) -> set[str]:
+    import json
+    import re
+
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return {name.strip() for group in re.findall(r"from medcot_lib import ([\w, ]+)", source) for name in group.split(",")}
+
+
+def test_the_readme_maps_each_notebook_to_the_modules_it_calls():
+    import re
+
+    readme = Path("README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- notebook-modules:start -->(.+?)<!-- notebook-modules:end -->", readme, re.S).group(1)
+    listed = {m.group(1): set(m.group(2).split(", ")) for m in re.finditer(r"^\| `(\w+)` \| ([\w, ]+) \|$", block, re.M)}
+    notebooks = sorted(Path("notebooks").glob("*.ipynb"))
+    assert set(listed) == {nb.stem for nb in notebooks}
+    for notebook in notebooks:
+        assert listed[notebook.stem] == notebook_modules(notebook) - {"recipe", "pipeline"}, notebook.name
