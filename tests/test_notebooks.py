@@ -60,9 +60,13 @@ def test_exactly_one_parameters_cell_of_typed_commented_literals(path):
 def test_install_cell_is_guarded_and_mirrors_the_project_url(path):
     install = code(cells(path)[1])
     url = tomllib.loads(Path("pyproject.toml").read_text())["project"]["urls"]["Repository"]
-    assert f"medcot @ git+{url}" in install
+    needs_llama_cpp = path.name.startswith(("00b_", "05_"))  # 00b's llama.cpp teacher, 05's GGUF export
+    assert f"medcot{'[gguf]' if needs_llama_cpp else ''} @ git+{url}" in install
     assert 'if HOSTED and importlib.util.find_spec("medcot_lib") is None:' in install
     assert "install-embedded" in install
+    pip_calls = [line for line in install.splitlines() if '"pip", "install"' in line]
+    for call in pip_calls:  # the hosted torch/CUDA pairing is never touched
+        assert "torch" not in call and not any(flag in call for flag in ("-U", "--upgrade", "--force-reinstall"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
