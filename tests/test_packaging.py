@@ -47,6 +47,15 @@ def test_the_lock_satisfies_every_declared_range():
         assert requirement.specifier.contains(lock[name], prereleases=True), f"lock {name}=={lock[name]} is outside {requirement}"
 
 
+def test_this_environment_is_the_locked_stack():
+    """`make setup` (which CI runs before these tests) installs exactly the lock."""
+    import importlib.metadata
+
+    for name, version in locked().items():
+        installed = importlib.metadata.version(name).split("+")[0]  # torch reports 2.13.0+cpu
+        assert installed == version, f"{name} {installed} is installed, the lock says {version}"
+
+
 def test_setup_ci_and_conda_install_through_the_lock():
     assert f"-c {LOCK}" in Path("Makefile").read_text()
     env = yaml.safe_load(Path("environment.yml").read_text())
