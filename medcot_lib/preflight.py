@@ -86,7 +86,7 @@ def hub_dataset_available(source: DatasetSource) -> str:
                       f"download it on a connected machine and set `path:` to the local file or directory")
 
 
-def _source_line(source: DatasetSource, records: list, report: data.LoadReport) -> str:
+def _source_line(source: DatasetSource, report: data.LoadReport) -> str:
     skipped = "".join(f", skipped {n}: {why}" for why, n in report.skipped.items())
     return f"{source.label}: {report.kept} items ({report.format}, {report.path}){skipped}"
 
@@ -107,7 +107,7 @@ def check_data(cfg: Recipe, plan: Plan) -> list:
             loaded = plan.attempt(f"{role} source {source.label}", data.load_source, source)
             if loaded:
                 records, report = loaded
-                plan.add("data", f"{_source_line(source, records, report)} [{role}]")
+                plan.add("data", f"{_source_line(source, report)} [{role}]")
                 if role == "train":
                     train.extend(records)
                     loads.append(report)
