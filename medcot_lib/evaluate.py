@@ -13,7 +13,7 @@ import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import export, generate, metrics, models, prompts
+from . import export, generate, metrics, models, prompts, random_models
 from .answers import extract, well_formed
 from .data import YES_NO_MAYBE, Record, read_items, read_records
 from .errors import MedcotError, input_error
@@ -101,7 +101,7 @@ def load_eval_sets(cfg, run_dir: str | Path) -> list[EvalSet]:
             check_eval_set(HELD_OUT, [replace(r, options=None, gold=None) for r in records], path, open_allowed=True)
             sets.append(EvalSet(HELD_OUT, "open", records, len(records), str(path)))
     if not sets:
-        raise MedcotError("nothing to evaluate: the recipe lists no eval_datasets and eval_test_split is false")
+        raise MedcotError(f"nothing to evaluate: the recipe lists no eval_datasets, and {NOTHING_HELD_OUT}")
     return sets
 
 
@@ -355,9 +355,17 @@ def write_outputs(run_dir: str | Path, rows: list[dict], summary: dict, table, p
     return write_text(out / "report.md", "\n".join(report))
 
 
+NOTHING_HELD_OUT = "no held-out split is scored (test_size: 0, or eval_test_split: false); add eval_datasets or a test split"
+
+
+def nothing_to_evaluate(cfg) -> bool:
+    """Stage 04 would have no set: no eval datasets, and no held-out split scored."""
+    return not cfg.eval_datasets and (not cfg.eval_test_split or cfg.test_size == 0)
+
+
 def settings(cfg, generations: dict) -> dict:
     backend = generate.resolve_backend(cfg)
-    return {"backend": backend, "model": cfg.model_name_or_path, "prompt_style": cfg.prompt_style,
+    return {"backend": backend, **random_models.weights(cfg.model_name_or_path), "prompt_style": cfg.prompt_style,
             "decoding": asdict(generate.Decoding.from_recipe(cfg)), "base_in_4bit": cfg.load_in_4bit and backend == "hf",
             "bootstrap_resamples": cfg.bootstrap_resamples, "subsample_seed": cfg.eval_subsample_seed,
             "base_generations_reused_from_01": generations["reused_from_01"]}

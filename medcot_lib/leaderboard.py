@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import random_models
 from .errors import MedcotError
 from .fileio import read_json, write_text
 from .metrics import ci_text
@@ -28,6 +29,11 @@ def data_label(parameters: dict) -> str:
     return " + ".join(f"{s.get('name') or s['path']}" + (f"×{s['weight']:g}" if s.get("weight", 1) != 1 else "") for s in sources)
 
 
+def model_label(reference: str) -> str:
+    """The model column; a random-weight model says so, since its accuracy means nothing."""
+    return f"{reference} (RANDOM WEIGHTS)" if random_models.is_random(reference) else reference
+
+
 def run_rows(run_dir: Path) -> list[dict]:
     """The headline rows of one run (one per eval set), or none when the run has no evaluation."""
     metrics_path, manifest_path = run_dir / "eval" / "metrics.json", run_dir / "manifest.json"
@@ -42,7 +48,7 @@ def run_rows(run_dir: Path) -> list[dict]:
         key = entry["headline"]
         diff = entry["difference"][key]
         rows.append({
-            "run": manifest.get("run_name", run_dir.name), "model": parameters.get("model_name_or_path", "?"),
+            "run": manifest.get("run_name", run_dir.name), "model": model_label(parameters.get("model_name_or_path", "?")),
             "method": method(parameters), "data": data_label(parameters), "date": manifest.get("created", "")[:10],
             "eval set": set_name, "metric": key, "n": entry["n"], "base": ci_text(entry["base"][key]),
             "fine-tuned": ci_text(entry["fine-tuned"][key]), "difference": ci_text(diff, signed=True),

@@ -208,3 +208,26 @@ class ParallelGGUF:
                 else:
                     slot.feed = [token]
         return results
+
+    def stream(self, prompt: list[int], max_new_tokens: int, sampling: Sampling | None = None) -> Iterator[int]:
+        """One prompt's new token ids as they are decoded, in slot 0 (the chat app, stage 06).
+
+        Decoding is `generate`'s for a single prompt (its sampling stream included); the end-of-generation token
+        ends the stream and is not yielded.
+        """
+        self.ll.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        slots = {0: _Slot(0, list(prompt), rng=np.random.default_rng([sampling.seed, 0]) if sampling else None)}
+        slot = slots[0]
+        while len(slot.new) < max_new_tokens:
+            wanted = self._fill_batch(slots)
+            if self.ll.llama_decode(self.ctx, self.batch) != 0:
+                raise MedcotError("llama.cpp decode failed (KV cache full?): lower max_new_tokens")
+            if 0 not in wanted:  # a prompt longer than one batch: feed the rest first
+                continue
+            logits = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, wanted[0]), shape=(self.n_vocab,))
+            token = _pick(logits, sampling, slot.rng)
+            slot.new.append(token)
+            if self.is_end_of_generation(token):
+                return
+            yield token
+            slot.feed = [token]

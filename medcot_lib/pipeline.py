@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import DISCLAIMER, __version__
+from . import DISCLAIMER, __version__, random_models
 from .data import reference_file
 from .errors import MedcotError
 from .fileio import read_utf8, sha256_file, write_json
@@ -34,7 +34,7 @@ MANIFEST = "manifest.json"
 # Bumped when the run directory's layout or the manifest's meaning changes; an older run directory is refused.
 MANIFEST_SCHEMA = 1
 # Optional stages and the recipe switch that turns each on; the others always run.
-OPTIONAL_STAGES = {"00b_teacher_cot": "distillation"}
+OPTIONAL_STAGES = {"00b_teacher_cot": "distillation", "06_chat_demo": "chat_demo"}
 
 
 def repo_root() -> Path:
@@ -144,6 +144,7 @@ STAGE_INPUTS = {
     "03_qlora_train": [("data/report.json", "00_dataset_inspection")],
     "04_adapter_eval": [("data/report.json", "00_dataset_inspection"), ("adapter/adapter_model.safetensors", "03_qlora_train")],
     "05_gguf_export": [("data/report.json", "00_dataset_inspection"), ("adapter/adapter_model.safetensors", "03_qlora_train")],
+    "06_chat_demo": [("data/report.json", "00_dataset_inspection"), ("adapter/adapter_model.safetensors", "03_qlora_train")],
 }
 
 
@@ -163,9 +164,9 @@ def require_inputs(run_dir: str | Path, stage: str) -> None:
             f"(or `medcot run RECIPE` for the whole pipeline), or execute notebooks/{first}.ipynb with this run_dir")
 
 
-def write_metrics(run_dir: str | Path, stage: str, metrics: dict[str, Any]) -> Path:
-    """Record a stage's metrics in results/<run>/metrics/<stage>.json."""
-    return write_json(Path(run_dir) / "metrics" / f"{stage}.json", metrics)
+def write_metrics(run_dir: str | Path, stage: str, metrics: dict[str, Any], cfg: Recipe) -> Path:
+    """Record a stage's metrics in results/<run>/metrics/<stage>.json, with the model and whether its weights are random."""
+    return write_json(Path(run_dir) / "metrics" / f"{stage}.json", {**random_models.weights(cfg.model_name_or_path), **metrics})
 
 
 # --------------------------------------------------------------------------- running
@@ -304,6 +305,9 @@ def run(
     manifest = _open_manifest(run_dir, cfg, params, overwrite)
     manifest["status"] = "running"
     manifest["smoke"] = notes or []  # each substitution smoke mode made, empty for a real run
+    manifest["weights"] = random_models.weights(cfg.model_name_or_path)["weights"]
+    if random_models.is_random(cfg.model_name_or_path):
+        echo(manifest["weights"])
     write_json(run_dir / MANIFEST, manifest)
     logging.getLogger("papermill").addFilter(_QuietUnknownParameters())
 
@@ -337,10 +341,11 @@ def _run_stages(selected: list[Path], cfg: Recipe, run_dir: Path, params: dict, 
         partial = run_dir / f".{name}.partial.ipynb"
         try:
             papermill.execute_notebook(
-                str(notebook), str(partial), parameters={**params, "run_dir": str(run_dir)},
+                str(notebook), str(partial), parameters={**params, "run_dir": str(run_dir), "batch": True},
                 kernel_name="python3", cwd=str(notebooks_dir), progress_bar=False, kernel_manager_class=kernel_manager,
             )
             os.replace(partial, run_dir / notebook.name)
+            (run_dir / f"{name}.failed.ipynb").unlink(missing_ok=True)  # an earlier attempt's, now superseded
         except papermill.PapermillExecutionError as exc:
             # Keep the executed notebook (papermill saved it cell by cell): it holds the traceback.
             failed = run_dir / f"{name}.failed.ipynb"

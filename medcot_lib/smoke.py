@@ -10,7 +10,15 @@ from typing import Any
 
 from .data import detect_format, read_items, reference_file
 from .errors import MedcotError
-from .recipe import DEFAULT_MODEL, DISTILLED, DatasetSource, Recipe, cuda_only_settings, validate
+from .recipe import (
+    DEFAULT_MODEL,
+    DISTILLED,
+    RANDOM_PREFIX,
+    DatasetSource,
+    Recipe,
+    cuda_only_settings,
+    validate,
+)
 
 # The bundled sample of each schema stands in for the real data in smoke mode.
 SMOKE_DATA = {"medical_o1": "bundled:medical-o1", "mcq": "bundled:medqa", "pubmedqa": "bundled:pubmedqa",
@@ -59,13 +67,20 @@ def _smoke_distillation(cfg: Recipe) -> dict[str, Any]:
     return changes
 
 
+def _smoke_model(reference: str) -> str:
+    """The embedded model; a random-weight shape keeps its architecture at its tiny size."""
+    if reference.startswith(RANDOM_PREFIX):
+        return reference if reference.endswith(":tiny") else f"{reference}:tiny"
+    return DEFAULT_MODEL
+
+
 def smoke(cfg: Recipe) -> tuple[Recipe, list[str]]:
     """The recipe's own code path at CPU scale: embedded model, bundled data, a few steps.
 
     Method, adapter targets, DoRA, prompt style, loss masking, packing, schedule and split logic
     are kept. Every substitution is returned as one line for the log.
     """
-    changes: dict[str, Any] = {"run_name": f"{cfg.run_name}-smoke", "model_name_or_path": DEFAULT_MODEL,
+    changes: dict[str, Any] = {"run_name": f"{cfg.run_name}-smoke", "model_name_or_path": _smoke_model(cfg.model_name_or_path),
                                "dataset_mixture": [_smoke_source(s) for s in cfg.dataset_mixture],
                                "eval_datasets": [_smoke_source(s) for s in cfg.eval_datasets],
                                "max_steps": SMOKE_STEPS, "eval_steps": SMOKE_STEPS, "save_steps": SMOKE_STEPS,

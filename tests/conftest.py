@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,20 @@ def tokenizer():
     from medcot_lib import models
 
     return models.load_tokenizer(models.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """The CPU demo, run once per test session with the recipe as shipped: (run directory, the runner's result).
+
+    Shared by tests/test_pipeline.py and tests/test_chat.py (about 13 minutes on 2 cores).
+    """
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    args = ["run", "params/cpu-demo.yaml", "--run-dir", str(run_dir)]
+    result = subprocess.run([sys.executable, "-m", "medcot_lib", *args], capture_output=True, text=True)
+    if result.returncode:
+        raise AssertionError(f"medcot {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return run_dir, result
 
 
 @pytest.fixture

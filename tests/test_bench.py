@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from medcot_lib import bench, cli
 from medcot_lib.errors import MedcotError
@@ -64,7 +65,8 @@ def test_padding_share_counts_pad_tokens_per_batch():
 
 
 def test_benchmark_names():
-    assert bench.expand(None) == list(bench.BENCHMARKS) == bench.expand(["all"])
+    assert bench.expand(None) == list(bench.ALL) == bench.expand(["all"]) and "gpu" not in bench.ALL
+    assert bench.expand(["gpu", "all"]) == [*bench.ALL, "gpu"]
     assert bench.expand(["scaling", "train"]) == ["train", "scaling"]
     with pytest.raises(MedcotError, match="unknown benchmark"):
         bench.expand(["trian"])
@@ -174,3 +176,31 @@ def test_quick_sweep_trains_and_scores_each_point_on_the_val_split(tmp_path):
         assert run["train_s"] > 0 and run["eval_loss_first"] > 0
     table = bench.sweep_table(result)
     assert table.count("(**the demo recipe**)") == 1  # the recipe ships one of the measured settings
+
+
+@pytest.mark.integration
+def test_gpu_bench_runs_every_seed_recipe_at_its_tiny_shape_on_a_cpu(tmp_path, monkeypatch):
+    """The code `medcot bench gpu` runs at full shapes on a GPU, here at tiny shapes: it cannot rot unseen."""
+    monkeypatch.delenv("MEDCOT_BENCH_GPU_BUDGET_S", raising=False)
+    result = bench.run(["gpu"], repeats=1, quick=True, out_dir=tmp_path, echo=lambda *_: None)["gpu"]
+    assert REQUIRED <= set(result) and list(result["recipes"]) == list(bench.GPU_RECIPES)
+    for name, details in result["recipes"].items():
+        assert "error" not in details, (name, details)
+        assert details["model"].startswith("random:") and details["model"].endswith(":tiny")
+        assert details["loss_falls"] and len(details["losses"]) == 2, (name, details["losses"])
+        assert details["generation"]["hf"]["new_tokens"] > 0 and "vllm" in details["generation"]
+        (run,) = result["sides"][name]
+        assert run["tokens_per_s"] > 0 and run["peak_memory_gb"] > 0 and run["step_s"] > 0
+    qwen3 = result["recipes"]["qwen3-8b-qlora"]
+    assert qwen3["settings"]["load_in_4bit"] and qwen3["parameters"]["trainable"] > 0
+    if not torch.cuda.is_available():
+        assert "optim: 'paged_adamw_8bit' -> 'adamw_torch'" in qwen3["mapped"]
+        assert "backend: 'unsloth' -> 'hf'" in result["recipes"]["deepseek-r1-distill-llama-8b-unsloth"]["mapped"]
+    assert result["recipes"]["llama31-8b-hematology-dora"]["settings"]["use_dora"]
+    assert all(t["met"] for t in result["targets"]) and len(result["targets"]) == 5
+
+
+def test_a_time_budget_skips_the_remaining_recipes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDCOT_BENCH_GPU_BUDGET_S", "-1")  # spent before the first recipe
+    body = bench.BENCHES["gpu"](bench.QUICK, 1)
+    assert all(r["skipped"].startswith("time budget of -1 s") for r in body["recipes"].values()) and not body["sides"]

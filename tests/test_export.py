@@ -314,6 +314,21 @@ def test_ollama_template_strips_a_template_bos_and_refuses_position_dependent_te
         export.ollama_template(tokenizer, style)
 
 
+def test_ollama_template_of_a_template_that_renders_the_last_assistant_turn_its_own_way():
+    """Qwen3's format: the last assistant turn gets a think block, history turns drop theirs; prompts end with a user
+    turn. Ollama passes a thinking model's history turns without their reasoning (it keeps that apart), as here."""
+    from medcot_lib import random_models
+
+    tokenizer = random_models.tokenizer("qwen3-8b")
+    style = prompts.PromptStyle("native", None, {"enable_thinking": True})
+    template = export.ollama_template(tokenizer, style)
+    history = [{"role": "user", "content": "MCV 114 fL?"}, {"role": "assistant", "content": "Macrocytosis."},
+               {"role": "user", "content": "Causes?"}]
+    for messages in [*CONVERSATIONS[:2], history, [{"role": "system", "content": "Be brief."}, *history]]:
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+        assert render_go(template, ollama_values(messages)) == expected
+
+
 def test_instruction_style_template_uses_the_prompt(tokenizer):
     style = prompts.PromptStyle("instruction", None, {})
     record = baseline.SHOWCASE[1]

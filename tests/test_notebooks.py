@@ -12,6 +12,10 @@ from medcot_lib import recipe
 
 NOTEBOOKS = sorted(Path("notebooks").glob("*.ipynb"))
 IDS = [p.name for p in NOTEBOOKS]
+# The worked solutions (solutions/*.ipynb, tests/test_solutions.py) keep the same hygiene: clean, parseable, one
+# parameters cell of typed, commented literals, no sys.path editing.
+WITH_SOLUTIONS = NOTEBOOKS + sorted(Path("solutions").glob("*.ipynb"))
+ALL_IDS = [str(p) for p in WITH_SOLUTIONS]
 
 
 def cells(path):
@@ -30,21 +34,21 @@ def test_there_are_stage_notebooks():
     assert "00_dataset_inspection.ipynb" in IDS
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", WITH_SOLUTIONS, ids=ALL_IDS)
 def test_committed_clean(path):
     for cell in cells(path):
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path}: commit notebooks without outputs"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", WITH_SOLUTIONS, ids=ALL_IDS)
 def test_every_code_cell_parses(path):
     for cell in cells(path):
         if cell["cell_type"] == "code":
             ast.parse(code(cell))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", WITH_SOLUTIONS, ids=ALL_IDS)
 def test_exactly_one_parameters_cell_of_typed_commented_literals(path):
     (cell,) = parameters_cell(path)
     tree = ast.parse(code(cell))
@@ -60,8 +64,9 @@ def test_exactly_one_parameters_cell_of_typed_commented_literals(path):
 def test_install_cell_is_guarded_and_mirrors_the_project_url(path):
     install = code(cells(path)[1])
     url = tomllib.loads(Path("pyproject.toml").read_text())["project"]["urls"]["Repository"]
-    needs_llama_cpp = path.name.startswith(("00b_", "05_"))  # 00b's llama.cpp teacher, 05's GGUF export
-    assert f"medcot{'[gguf]' if needs_llama_cpp else ''} @ git+{url}" in install
+    extras = {"00b_": "[gguf]", "05_": "[gguf]", "06_": "[chat]"}  # 00b's llama.cpp teacher, 05's GGUF export, 06's app
+    extra = next((e for prefix, e in extras.items() if path.name.startswith(prefix)), "")
+    assert f"medcot{extra} @ git+{url}" in install
     assert 'if HOSTED and importlib.util.find_spec("medcot_lib") is None:' in install
     assert "install-embedded" in install
     pip_calls = [line for line in install.splitlines() if '"pip", "install"' in line]
@@ -78,10 +83,11 @@ def test_parameter_defaults_are_the_cpu_demo_recipe(path):
             normalised = recipe.to_parameters(recipe.validate({**demo, key: value}))[key]
             assert normalised == demo[key], f"{path}: default of {key} differs from params/cpu-demo.yaml"
         else:
-            assert key == "run_dir", f"{path}: parameter {key} is not a recipe key"
+            # The runner passes these two besides the recipe: where the run goes, and that nobody is watching (batch).
+            assert key in ("run_dir", "batch"), f"{path}: parameter {key} is not a recipe key"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", WITH_SOLUTIONS, ids=ALL_IDS)
 def test_no_sys_path_editing_or_secrets_in_parameters(path):
     for cell in cells(path):
         assert "sys.path" not in code(cell)
@@ -95,7 +101,7 @@ def test_recipe_keys_are_yaml_literals_papermill_can_inject():
     assert set(demo) <= set(recipe.Recipe.model_fields)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", WITH_SOLUTIONS, ids=ALL_IDS)
 def test_papermill_documents_every_parameter(path):
     """`papermill --help-notebook` lists each parameter; a line its parser cannot read is silently missing there."""
     from papermill.translators import PythonTranslator
@@ -118,6 +124,7 @@ def test_no_import_shadows_a_parameter(path):
     ("04_adapter_eval", [], "00_dataset_inspection"),
     ("04_adapter_eval", ["data/report.json"], "03_qlora_train"),
     ("05_gguf_export", ["data/report.json"], "03_qlora_train"),
+    ("06_chat_demo", ["data/report.json"], "03_qlora_train"),
 ])
 def test_a_notebook_opened_alone_stops_at_once_naming_the_stage_to_run_first(tmp_path, stage, present, first):
     import papermill

@@ -83,6 +83,21 @@ def test_bad_data_files_stop_the_run_before_stage_00(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_evaluation_with_nothing_to_score_is_caught_before_the_run(tmp_path):
+    nothing = demo(eval_datasets=[], test_size=0)
+    problems = plan_for(nothing, tmp_path / "run").problems
+    assert any(p.startswith("stage 04 has nothing to evaluate: eval_datasets is empty") and "test_size: 0" in p for p in problems)
+    assert not any("nothing to evaluate" in p for p in plan_for(nothing, tmp_path / "run", ["00_dataset_inspection"]).problems)
+    assert not any("nothing to evaluate" in p for p in plan_for(demo(eval_datasets=[]), tmp_path / "run").problems)
+
+
+def test_a_random_weight_model_is_planned_from_its_shipped_config_without_building_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDCOT_CACHE", str(tmp_path / "cache"))
+    plan = plan_for(demo(model_name_or_path="random:qwen3-8b", layers_to_transform=None), tmp_path / "run")
+    assert any("random:qwen3-8b: Qwen3ForCausalLM, 8190.7M weights, 36 layers" in line for line in plan.facts["model"])
+    assert not (tmp_path / "cache").exists()  # nothing was built or downloaded
+
+
 def test_an_output_location_that_cannot_be_written_is_named(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -137,3 +152,11 @@ def test_a_corrupt_or_older_manifest_is_refused_with_what_to_do(capsys, tmp_path
     code, _, err = run_cli(capsys, "params/cpu-demo.yaml", "--run-dir", run_dir)
     assert code == 2 and "was written by medcot 0.0.9 (manifest schema none)" in err and "pass --overwrite" in err
     assert sorted(p.name for p in run_dir.iterdir()) == ["manifest.json"], "nothing else was written"
+
+
+def test_adapter_count_covers_all_linear_layers_when_no_layers_are_named():
+    """all-linear on every layer is twice the demo's adapter on the upper 15 of 30 layers (it was counted as 0)."""
+    demo = recipe.load("params/cpu-demo.yaml")
+    model = preflight.meta_model(preflight.model_config(demo.model_name_or_path, False))
+    every_layer = recipe.load("params/cpu-demo.yaml", overrides={"layers_to_transform": None})
+    assert preflight.adapter_parameters(every_layer, model) == 2 * preflight.adapter_parameters(demo, model) > 0

@@ -9,7 +9,7 @@ code paths; its numbers are marked `"quick": true` and never shown as the figure
 
 Shared modules: settings (recipe, targets, sizes), stats (the method), measure (time, memory), environment,
 lengths (the real length distribution), trainside (timed training steps); one module per benchmark (train,
-generate, export, pipeline, scaling, sweep); results (JSON, PNG, printed table) and readme (the README blocks).
+generate, export, pipeline, scaling, sweep, gpu_shapes for gpu); results (JSON, PNG, printed table) and readme (the README blocks).
 This module runs the named benchmarks (`run`) and re-exports the names used as `bench.NAME`.
 """
 
@@ -21,6 +21,7 @@ from ..errors import MedcotError
 from .environment import gpu
 from .export import bench_export
 from .generate import bench_generate
+from .gpu_shapes import GPU_RECIPES, bench_gpu
 from .lengths import REAL_MAX, REAL_MEDIAN, REAL_P5, REAL_P95, padding_share, real_lengths
 from .pipeline import bench_pipeline
 from .readme import (
@@ -42,15 +43,16 @@ from .sweep import SWEEP_POINTS, _point_name, bench_sweep
 from .train import bench_train
 
 __all__ = [
-    "BENCHES", "BENCHMARKS", "DEMO_END", "DEMO_START", "NOT_MEASURED", "README_END", "README_START", "REAL_MAX",
+    "ALL", "BENCHES", "GPU_RECIPES", "QUICK", "BENCHMARKS", "DEMO_END", "DEMO_START", "NOT_MEASURED", "README_END", "README_START", "REAL_MAX",
     "REAL_MEDIAN", "REAL_P5", "REAL_P95", "SCHEMA", "SWEEP_POINTS", "_point_name", "alternate", "command_line",
     "demo_section", "expand", "fit_power_law", "padding_share", "ratio", "readme_table", "real_lengths", "run",
     "summarize", "summary", "sweep_table", "target", "update_readme",
 ]
 
-BENCHMARKS = ("train", "generate", "export", "pipeline", "scaling", "sweep")
+BENCHMARKS = ("train", "generate", "export", "pipeline", "scaling", "sweep", "gpu")
+ALL = BENCHMARKS[:-1]  # `all` is the CPU demo's benchmarks; gpu (the seed recipes at their real shapes) is asked for by name
 BENCHES = {"train": bench_train, "generate": bench_generate, "export": bench_export, "pipeline": bench_pipeline,
-           "scaling": bench_scaling, "sweep": bench_sweep}
+           "scaling": bench_scaling, "sweep": bench_sweep, "gpu": bench_gpu}
 
 
 def command_line(names: list[str], repeats: int, quick: bool) -> str:
@@ -63,7 +65,7 @@ def expand(names: list[str] | None) -> list[str]:
     unknown = [n for n in names if n not in (*BENCHMARKS, "all")]
     if unknown:
         raise MedcotError(f"unknown benchmark(s) {unknown} (expected: {', '.join(BENCHMARKS)} or all)")
-    return list(BENCHMARKS) if "all" in names else [n for n in BENCHMARKS if n in names]
+    return [n for n in BENCHMARKS if n in names or ("all" in names and n in ALL)]
 
 
 def run(names: list[str] | None = None, *, repeats: int = 3, quick: bool = False, out_dir: str | Path | None = None,

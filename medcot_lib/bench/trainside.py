@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .. import models, train
+from .. import train
 from ..data import Record
 from .environment import mfu
 from .measure import PeakMemory, Stopwatch, _out_of_memory, guarded, memory_limit
@@ -41,7 +41,7 @@ class TrainSide:
 
 def train_side(cfg, records: list[Record], tokenizer, batch_size: int, work_dir: Path) -> TrainSide:
     """The recipe's model, adapter, trainer (loss, attention, collator) and optimizer, as stage 03 builds them."""
-    model = train.add_adapter(cfg, models.load_model(cfg)).to(_device())
+    model = train.load_for_training(cfg)[0].to(_device())  # the recipe's backend: hf, or Unsloth on a GPU
     set_checkpointing(model, cfg.activation_checkpointing)  # Trainer.train() would do this; we step without it
     model.train()
     trainer = train.build_trainer(cfg, model, tokenizer, {"train": records}, str(work_dir))

@@ -6,9 +6,10 @@ import contextlib
 import re
 from pathlib import Path
 
-from .. import DISCLAIMER, models, prompts
+from .. import DISCLAIMER, models, prompts, random_models
 from ..errors import MedcotError
 from ..fileio import read_json, write_text
+from ..recipe import DEFAULT_MODEL
 from .inputs import base_checkpoint
 from .paths import EXPORT_DIR
 
@@ -36,6 +37,8 @@ def _license(cfg) -> str:
     reference = cfg.model_name_or_path
     if reference.startswith(models.EMBEDDED_PREFIX):
         return models.embedded_spec(reference).license.lower()
+    if random_models.is_random(reference):  # untrained weights of medcot's making, and the embedded tokenizer
+        return models.embedded_spec(DEFAULT_MODEL).license.lower()
     card = base_checkpoint(cfg) / "README.md"
     if card.is_file():
         match = re.search(r"^license:\s*(\S+)", card.read_text(encoding="utf-8"), re.MULTILINE)
@@ -60,7 +63,8 @@ def model_card(cfg, run_dir: str | Path, report: dict | None = None) -> str:
     base_line = cfg.model_name_or_path
     front = ["---", f"license: {_license(cfg)}", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [medical, chain-of-thought, " + ("qlora" if cfg.load_in_4bit else "lora") + ", gguf, medcot]"]
-    if not cfg.model_name_or_path.startswith(models.EMBEDDED_PREFIX) and not Path(cfg.model_name_or_path).exists():
+    random = random_models.is_random(cfg.model_name_or_path)
+    if not cfg.model_name_or_path.startswith(models.EMBEDDED_PREFIX) and not random and not Path(cfg.model_name_or_path).exists():
         front.append(f"base_model: {cfg.model_name_or_path}")
     else:
         spec = models.embedded_spec(cfg.model_name_or_path) if cfg.model_name_or_path.startswith(models.EMBEDDED_PREFIX) else None
@@ -96,7 +100,7 @@ def model_card(cfg, run_dir: str | Path, report: dict | None = None) -> str:
 
 > **Educational and research use only; not for clinical use.** Not medical advice: this model and its outputs
 > must not inform the care of real patients.
-
+{f"{chr(10)}> **{random_models.label(cfg.model_name_or_path)}.**{chr(10)}" if random else ""}
 {cfg.model_name_or_path} fine-tuned for medical chain-of-thought answers with [medcot](https://github.com/medcot/medcot):
 it reasons inside `<think>…</think>` and then answers.
 

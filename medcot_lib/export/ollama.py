@@ -27,8 +27,10 @@ def _split(text: str, sentinel: str, what: str) -> tuple[str, str]:
 def chat_segments(tokenizer, style: prompts.PromptStyle) -> dict[str, str | None]:
     """The literal text a chat template writes around each role's content, found by rendering sentinel messages.
 
-    Works for templates whose turns do not depend on their position (ChatML, Llama 3, Qwen, ...); others
-    (e.g. a system prompt folded into the first user turn) fail the consistency check with a clear error.
+    Turns are read from a conversation that ends with a user turn, as every Ollama prompt does, so a template that
+    renders the last assistant turn its own way (Qwen3's empty think block) still yields its history turns. The end of
+    an assistant turn is prompts.end_of_turn, the marker training appends. Templates whose other turns depend on their
+    position (e.g. a system prompt folded into the first user turn) fail the consistency checks with a clear error.
     """
     s = _SENTINELS
 
@@ -43,13 +45,17 @@ def chat_segments(tokenizer, style: prompts.PromptStyle) -> dict[str, str | None
     user = [{"role": "user", "content": s["user"]}]
     one = render(user, False)
     generation_prompt = prefix_of(render(user, True), one, "the generation prompt")
-    with_answer = user + [{"role": "assistant", "content": s["assistant"]}]
-    assistant_prefix, assistant_suffix = _split(prefix_of(render(with_answer, False), one, "an assistant turn"), s["assistant"], "assistant")
-    two = render(with_answer, False)
-    user_prefix, user_suffix = _split(prefix_of(render(with_answer + [{"role": "user", "content": s["user2"]}], False), two,
-                                                "a second user turn"), s["user2"], "second user")
+    three = render(user + [{"role": "assistant", "content": s["assistant"]}, {"role": "user", "content": s["user2"]}], False)
+    head, rest = _split(three, s["user"], "user")
+    between, rest = _split(rest, s["assistant"], "assistant")
+    after_assistant, user_suffix = _split(rest, s["user2"], "second user")
+    assistant_suffix = prompts.end_of_turn(tokenizer, style)
+    if not between.startswith(user_suffix) or not after_assistant.startswith(assistant_suffix):
+        raise MedcotError("cannot derive an Ollama template: the turns of a conversation do not follow one another in the "
+                          "chat template")
+    assistant_prefix, user_prefix = between[len(user_suffix):], after_assistant[len(assistant_suffix):]
     turn = user_prefix + s["user"] + user_suffix
-    if not one.endswith(turn):
+    if not one.endswith(turn) or not head.endswith(user_prefix):
         raise MedcotError("cannot derive an Ollama template: the first user turn is rendered differently from later ones")
     segments = {"default_system": one[: -len(turn)], "generation_prompt": generation_prompt,
                 "user_prefix": user_prefix, "user_suffix": user_suffix,
