@@ -125,7 +125,7 @@ def check_adapter_fits(cfg, adapter: Path) -> None:
                           expected="an adapter trained by stage 03 of this run")
 
 
-def _attach_adapter(model, adapter: Path):
+def attach_adapter(model, adapter: Path):
     from peft import PeftModel
 
     try:
@@ -162,7 +162,7 @@ def _hf_generations(cfg, run_dir, records: list[Record], tokenizer, progress: bo
     adapter = export.adapter_dir(run_dir)
     check_adapter_fits(cfg, adapter)
     style, decoding = prompts.PromptStyle.from_recipe(cfg), generate.Decoding.from_recipe(cfg)
-    model = _attach_adapter(models.load_model(cfg), adapter)
+    model = attach_adapter(models.load_model(cfg), adapter)
 
     def base_model_generations(todo: list[Record]) -> list[generate.Generation]:
         with model.disable_adapter():

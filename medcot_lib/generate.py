@@ -79,7 +79,7 @@ def generate(model, tokenizer, records: list[Record], style: prompts.PromptStyle
     """Generate one completion per record, batched and length-sorted; returned in input order."""
     from tqdm.auto import tqdm
 
-    texts, encoded = _rendered_ids(records, tokenizer, style)
+    texts, encoded = rendered_ids(records, tokenizer, style)
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
     stop = stop_ids(tokenizer, model.generation_config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -104,7 +104,7 @@ def generate(model, tokenizer, records: list[Record], style: prompts.PromptStyle
     return results
 
 
-def _rendered_ids(records: list[Record], tokenizer, style: prompts.PromptStyle) -> tuple[list[str], list[list[int]]]:
+def rendered_ids(records: list[Record], tokenizer, style: prompts.PromptStyle) -> tuple[list[str], list[list[int]]]:
     """Prompt strings and their token ids, exactly as `generate` feeds them to the HF model."""
     rendered = [prompts.render(r, tokenizer, style, with_target=False) for r in records]
     return [x.prompt for x in rendered], [tokenizer(x.prompt, add_special_tokens=x.add_special_tokens)["input_ids"] for x in rendered]
@@ -127,7 +127,7 @@ def generate_gguf(path: str | Path, tokenizer, records: list[Record], style: pro
 
     from .llamacpp import ParallelGGUF, Sampling
 
-    texts, encoded = _rendered_ids(records, tokenizer, style)
+    texts, encoded = rendered_ids(records, tokenizer, style)
     sampling = Sampling(decoding.temperature, decoding.top_p, decoding.seed) if decoding.do_sample else None
     slot = max(map(len, encoded)) + decoding.max_new_tokens
     with ParallelGGUF(path, parallel=min(decoding.batch_size, len(records)), slot_tokens=slot) as model, \
@@ -145,7 +145,7 @@ def generate_vllm(cfg, adapter: Path, tokenizer, records: list[Record], style: p
 
     from .models import resolve
 
-    texts, encoded = _rendered_ids(records, tokenizer, style)
+    texts, encoded = rendered_ids(records, tokenizer, style)
     # vLLM sizes its LoRA kernels by a maximum rank from a fixed menu of powers of two (8, 16, 32, ...).
     max_rank = max(8, 1 << (cfg.lora_r - 1).bit_length())
     llm = LLM(model=resolve(cfg.model_name_or_path), tokenizer=resolve(cfg.model_name_or_path), enable_lora=True,

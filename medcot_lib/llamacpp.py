@@ -91,7 +91,7 @@ class Sampling:
     seed: int
 
 
-def _pick(logits: np.ndarray, sampling: Sampling | None, rng: np.random.Generator | None) -> int:
+def pick_token(logits: np.ndarray, sampling: Sampling | None, rng: np.random.Generator | None) -> int:
     """Greedy (argmax), or temperature + nucleus sampling (no top-k, no min-p, no repetition penalty, as in HF)."""
     if sampling is None:
         return int(np.argmax(logits))
@@ -197,7 +197,7 @@ class ParallelGGUF:
             for seq, row in wanted.items():
                 slot = slots[seq]
                 logits = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, row), shape=(self.n_vocab,))
-                token = _pick(logits, sampling, slot.rng)
+                token = pick_token(logits, sampling, slot.rng)
                 slot.new.append(token)
                 stopped = self.is_end_of_generation(token)
                 if stopped or len(slot.new) >= max_new_tokens:
@@ -225,7 +225,7 @@ class ParallelGGUF:
             if 0 not in wanted:  # a prompt longer than one batch: feed the rest first
                 continue
             logits = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, wanted[0]), shape=(self.n_vocab,))
-            token = _pick(logits, sampling, slot.rng)
+            token = pick_token(logits, sampling, slot.rng)
             slot.new.append(token)
             if self.is_end_of_generation(token):
                 return

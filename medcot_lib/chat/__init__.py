@@ -7,7 +7,7 @@ trained on single turns. The `<think>` reasoning is shown in a collapsible block
 
 Backends follow stage 04's `eval_backend` rule: `llamacpp` runs the base and fine-tuned F16 GGUFs (fast on a CPU),
 `hf` runs the base with the stage-03 adapter switched off and on (exact, no merge). Decoding is the evaluation's:
-greedy argmax, or temperature + top-p seeded by the recipe's seed (`llamacpp._pick` for both backends).
+greedy argmax, or temperature + top-p seeded by the recipe's seed (`llamacpp.pick_token` for both backends).
 
 Privacy: the app binds 127.0.0.1, a public share link is opt-in, gradio's analytics, version check and run history
 are off, and nothing typed is written to disk unless a log file is given.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import export, generate, models
 from ..errors import MedcotError
-from ..llamacpp import ParallelGGUF, Sampling, _pick
+from ..llamacpp import ParallelGGUF, Sampling, pick_token
 
 # Tokens of context per model: the KV cache holds a prompt and its answer (an 8B Llama needs 0.5 GB per model here).
 CONTEXT_CAP = 4096
@@ -46,7 +46,7 @@ class HFStreamer:
             switch = contextlib.nullcontext() if self.adapter else self.model.disable_adapter()
             with switch, torch.no_grad():
                 logits = self.model(input_ids=feed, past_key_values=cache, use_cache=True).logits[0, -1]
-            token = _pick(logits.float().cpu().numpy(), sampling, rng)
+            token = pick_token(logits.float().cpu().numpy(), sampling, rng)
             if token in self.stop:
                 return
             yield token

@@ -95,7 +95,7 @@ class Chat:
         return self.rendered("q").rstrip().endswith(THINK_OPEN)
 
     def _ids(self, question: str) -> list[int]:
-        return generate._rendered_ids([_record(question)], self.tokenizer, self.style)[1][0]
+        return generate.rendered_ids([_record(question)], self.tokenizer, self.style)[1][0]
 
     def prompt(self, question: str, max_new_tokens: int) -> tuple[str, list[int], str | None]:
         """(question as sent, its prompt's token ids, notice): a question too long for the context is cut, and said so."""
@@ -163,7 +163,7 @@ def open_chat(cfg, run_dir: str | Path, *, backend: str | None = None, log_path:
     else:
         adapter = export.adapter_dir(run_path)
         evaluate.check_adapter_fits(cfg, adapter)
-        model = evaluate._attach_adapter(models.load_model(cfg), adapter).eval()
+        model = evaluate.attach_adapter(models.load_model(cfg), adapter).eval()
         stop = generate.stop_ids(tokenizer, model.generation_config)
         streamers = {label: HFStreamer(model, adapter=label == "fine-tuned", stop=stop) for label in LABELS}
         paths = {"base": models.resolve(cfg.model_name_or_path), "fine-tuned": f"{models.resolve(cfg.model_name_or_path)} + {adapter}"}
