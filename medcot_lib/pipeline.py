@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -84,13 +85,23 @@ def absolute_paths(cfg: Recipe) -> Recipe:
 def package_versions() -> dict[str, str]:
     """Versions of medcot's declared dependencies (and optional ones, where installed)."""
     versions = {"medcot": __version__, "python": platform.python_version()}
-    for requirement in importlib.metadata.requires("medcot") or []:
+    for requirement in declared_requirements():
         name = re.split(r"[\s\[=<>;!~]", requirement, maxsplit=1)[0]
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def declared_requirements() -> list[str]:
+    """medcot's requirements: from its installed metadata, or from pyproject.toml when the checkout is merely on the
+    path (Colab, or a bare GPU machine given the repository and a few wheels)."""
+    try:
+        return importlib.metadata.requires("medcot") or []
+    except importlib.metadata.PackageNotFoundError:
+        project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+        return project["dependencies"] + [r for extra in project.get("optional-dependencies", {}).values() for r in extra]
 
 
 def git_state(root: Path) -> dict[str, Any]:

@@ -8,8 +8,18 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 export MEDCOT_CACHE=/tmp/medcot-cache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$MEDCOT_CACHE" && tar -C "$MEDCOT_CACHE" -xJf .gpu-cache.tar.xz
-# 8 minutes in all on the lent machine: about 1 for start-up and the install, recipes started within 5.5, and the
-# last one (an 8B shape: build, 4-bit load, 4 steps, generation) allowed about 1.5 more.
-export MEDCOT_BENCH_GPU_BUDGET_S=${MEDCOT_BENCH_GPU_BUDGET_S:-330}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -m medcot_lib bench gpu --repeats 3 --out "${OUT:-results}/bench"
+# About 9.5 minutes on the lent machine: start-up and the install about 1, recipes started within 4.5 (the budget), the
+# last one (an 8B shape: build, 4-bit load, 4 steps, generation) allowed about 2 more, and the rest spare. A recipe's
+# figures are printed as it finishes, so a run cut short still leaves them in the log.
+export MEDCOT_BENCH_GPU_BUDGET_S=${MEDCOT_BENCH_GPU_BUDGET_S:-270} PYTHONUNBUFFERED=1
+out=${OUT:-results}/bench
+mkdir -p "$out"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python3 -c 'import importlib.metadata as m
+for n in ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate", "huggingface_hub",
+          "tokenizers", "pyarrow", "regex", "fsspec", "flash_attn", "unsloth", "vllm"):
+    try: print(n, m.version(n))
+    except m.PackageNotFoundError: print(n, "absent")'
+  python3 -m medcot_lib bench gpu --repeats 3 --out "$out"
+} 2>&1 | tee "$out/gpu-bench.log"

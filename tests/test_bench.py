@@ -204,3 +204,24 @@ def test_a_time_budget_skips_the_remaining_recipes(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDCOT_BENCH_GPU_BUDGET_S", "-1")  # spent before the first recipe
     body = bench.BENCHES["gpu"](bench.QUICK, 1)
     assert all(r["skipped"].startswith("time budget of -1 s") for r in body["recipes"].values()) and not body["sides"]
+
+
+def test_the_gpu_bench_logs_nowhere_whatever_the_recipe_reports_to():
+    """A recipe's W&B or TensorBoard logging would need its package (and a key) on the bench machine, for nothing."""
+    from medcot_lib.bench import gpu_shapes
+
+    for name in bench.GPU_RECIPES:
+        cfg, _ = gpu_shapes.shaped_recipe(Path("params") / f"{name}.yaml", tiny=True)
+        assert cfg.report_to == [], name
+
+
+def test_each_recipe_prints_its_figures_as_it_finishes():
+    from medcot_lib.bench import gpu_shapes
+
+    runs = [{"tokens_per_s": t, "mfu": t / 1e4, "peak_memory_gb": 20.0} for t in (900.0, 1000.0, 1100.0)]
+    details = {"load_s": 41.0, "losses": [10.8, 10.1], "generation": {"hf": {"tokens_per_s": 212.0}}}
+    line = gpu_shapes.progress_line("qwen3-8b-qlora", runs, details, 95.0)
+    assert line == ("[bench gpu]    95 s  qwen3-8b-qlora: load 41 s, 1,000 tokens/s, MFU 10.0%, peak 20.0 GB, "
+                    "losses 10.800 10.100, HF generation 212 tokens/s")
+    failed = gpu_shapes.progress_line("llama31-8b-hematology-dora", [], {"error": "OutOfMemoryError: CUDA"}, 200.0)
+    assert failed.endswith("llama31-8b-hematology-dora: OutOfMemoryError: CUDA")

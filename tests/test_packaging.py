@@ -108,3 +108,21 @@ def test_gitignore_keeps_large_outputs_out():
     ignored = Path(".gitignore").read_text()
     for pattern in ("*.safetensors", "*.gguf", "checkpoint-*", ".venv/"):
         assert pattern in ignored
+
+
+def test_versions_are_recorded_from_a_checkout_that_is_not_installed(monkeypatch):
+    """On Colab or a bare GPU machine the checkout is only on sys.path: pyproject.toml names the requirements."""
+    import importlib.metadata
+
+    from medcot_lib import pipeline
+
+    installed = pipeline.package_versions()
+    real_requires = importlib.metadata.requires
+
+    def requires(name):
+        if name == "medcot":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_requires(name)
+
+    monkeypatch.setattr(importlib.metadata, "requires", requires)
+    assert pipeline.package_versions() == installed and {"torch", "transformers", "trl"} <= set(installed)

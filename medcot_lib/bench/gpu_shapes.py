@@ -51,7 +51,8 @@ def shaped_recipe(path: Path, tiny: bool) -> tuple[recipe.Recipe, list[str]]:
     """The seed recipe on its random-weight shape, with what this machine cannot run mapped (and said)."""
     cfg = recipe.load(path)
     shape = random_models.shape_for(cfg.model_name_or_path)
-    changes = {"model_name_or_path": f"{recipe.RANDOM_PREFIX}{shape}{':tiny' if tiny else ''}"}
+    # A benchmark logs nowhere: no TensorBoard files, and no W&B run (nor its package and key) for timing steps.
+    changes = {"model_name_or_path": f"{recipe.RANDOM_PREFIX}{shape}{':tiny' if tiny else ''}", "report_to": []}
     if not torch.cuda.is_available():
         changes.update(cuda_only_settings(cfg))
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -148,6 +149,17 @@ def bench_recipe(path: Path, sizes: Sizes, steps: int, work_dir: Path) -> tuple[
             shutil.rmtree(random_models.checkpoint_dir(cfg.model_name_or_path), ignore_errors=True)
 
 
+def progress_line(name: str, runs: list[dict], details: dict, elapsed_s: float) -> str:
+    """One line per recipe as it finishes, so a run cut short (a lent machine's time limit) still leaves its figures."""
+    if not runs:
+        return f"[bench gpu] {elapsed_s:5.0f} s  {name}: {details.get('error') or details.get('skipped')}"
+    median = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+    mfu_text = f", MFU {median['mfu']:.1%}" if median.get("mfu") is not None else ""
+    return (f"[bench gpu] {elapsed_s:5.0f} s  {name}: load {details['load_s']:.0f} s, {median['tokens_per_s']:,.0f} tokens/s"
+            f"{mfu_text}, peak {median['peak_memory_gb']:.1f} GB, losses {' '.join(f'{x:.3f}' for x in details['losses'])}, "
+            f"HF generation {details['generation']['hf']['tokens_per_s']:.0f} tokens/s")
+
+
 def bench_gpu(sizes: Sizes, repeats: int) -> dict:
     """Every seed recipe, smallest first, within MEDCOT_BENCH_GPU_BUDGET_S seconds when that is set."""
     from .. import pipeline
@@ -165,6 +177,7 @@ def bench_gpu(sizes: Sizes, repeats: int) -> dict:
                     sides[name], recipes[name] = bench_recipe(path, sizes, repeats, Path(tmp) / name)
             except Exception as exc:
                 sides[name], recipes[name] = [], {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+            print(progress_line(name, sides[name], recipes[name], time.monotonic() - started), flush=True)
     targets = [target(f"{name}: loss falls on a repeated batch (1 = yes)", int(details["loss_falls"]), ">=", 1)
                for name, details in recipes.items() if "loss_falls" in details]
     return {"settings": {"device": gpu().get("name") or "cpu", "shape": "tiny" if sizes is QUICK or not torch.cuda.is_available() else "full",
