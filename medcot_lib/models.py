@@ -86,16 +86,34 @@ def resolve_dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def compute_dtype(cfg):
+    """The dtype 4-bit layers compute in: bnb_4bit_compute_dtype, or the model's dtype when that is auto."""
+    return resolve_dtype(cfg.bnb_4bit_compute_dtype if cfg.bnb_4bit_compute_dtype != "auto" else cfg.dtype)
+
+
+def launched_sharded() -> bool:
+    """Whether accelerate started this process for FSDP or DeepSpeed (its launcher sets the variable in each worker)."""
+    return any(os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
+
+
 def quantization_config(cfg):
-    """4-bit NF4 (or FP4) with optional double quantization; compute dtype from the recipe."""
+    """4-bit NF4 (or FP4) with optional double quantization; compute dtype from the recipe.
+
+    Under FSDP or ZeRO-3 the packed weights are stored in the compute dtype (bnb_4bit_quant_storage auto), since both
+    flatten and shard a module's tensors together and need them in one dtype; elsewhere bitsandbytes' uint8.
+    """
+    import torch
     from transformers import BitsAndBytesConfig
 
-    compute = cfg.bnb_4bit_compute_dtype if cfg.bnb_4bit_compute_dtype != "auto" else cfg.dtype
+    storage = cfg.bnb_4bit_quant_storage
+    if storage == "auto":
+        storage = compute_dtype(cfg) if launched_sharded() else torch.uint8
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(compute),
+        bnb_4bit_compute_dtype=compute_dtype(cfg),
+        bnb_4bit_quant_storage=storage if isinstance(storage, torch.dtype) else getattr(torch, storage),
     )
 
 
@@ -112,6 +130,7 @@ def check_attention(name: str) -> str:
 
 def load_model(cfg, *, four_bit: bool | None = None):
     """Load the recipe's model for training or inference (4-bit when the recipe or caller asks)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     check_hardware(cfg)
@@ -121,6 +140,9 @@ def load_model(cfg, *, four_bit: bool | None = None):
                   trust_remote_code=cfg.trust_remote_code, token=hub_token())
     if four_bit:
         kwargs["quantization_config"] = quantization_config(cfg)
+        if "LOCAL_RANK" in os.environ and not launched_sharded() and torch.cuda.is_available():
+            # DDP: each process's 4-bit copy on its own GPU (a quantized model cannot be moved after loading)
+            kwargs["device_map"] = {"": int(os.environ["LOCAL_RANK"])}
     try:
         return AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as exc:

@@ -28,7 +28,15 @@ from . import DISCLAIMER, __version__, random_models
 from .data import reference_file
 from .errors import MedcotError
 from .fileio import read_utf8, sha256_file, write_json
-from .recipe import BUNDLED_PREFIX, DISTILLED, Recipe, is_dataset_dir, is_local_file, to_parameters
+from .recipe import (
+    BUNDLED_PREFIX,
+    DISTILLED,
+    LAUNCH_KEYS,
+    Recipe,
+    is_dataset_dir,
+    is_local_file,
+    to_parameters,
+)
 
 STAGE_FILE = re.compile(r"^(\d\d[a-z]?)_[a-z0-9_]+\.ipynb$")
 MANIFEST = "manifest.json"
@@ -64,7 +72,10 @@ def select_stages(stages: list[Path], wanted: list[str] | None) -> list[Path]:
 
 
 def params_hash(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    """The run's identity. How stage 03 is launched is not part of it: the global batch is the recipe's whatever the
+    process count, so an interrupted run resumes under another num_processes or accelerate_config."""
+    what = {key: value for key, value in params.items() if key not in LAUNCH_KEYS}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def absolute_paths(cfg: Recipe) -> Recipe:

@@ -324,6 +324,7 @@ def check(cfg: Recipe, run_dir: Path, stages: list[str], smoke_notes: list[str] 
     check_teacher(cfg, plan)
     if "03_qlora_train" in running:
         plan.add("training", training_steps(cfg, len(train)))
+        check_launch(cfg, plan)
     if "05_gguf_export" in running:
         check_export(cfg, plan, sizes and sizes["architecture"])
     if "04_adapter_eval" in running and nothing_to_evaluate(cfg):
@@ -338,6 +339,20 @@ def check(cfg: Recipe, run_dir: Path, stages: list[str], smoke_notes: list[str] 
         plan.attempt("--run-dir", writable_ancestor, run_dir)
     plan.facts["smoke mode" if smoke_notes is not None else "smoke mode would map"] = smoke_lines(cfg, smoke_notes)
     return plan
+
+
+def check_launch(cfg: Recipe, plan: Plan) -> None:
+    """Stage 03's processes: each needs a device of this machine, and the engine must run here."""
+    from . import distributed
+
+    if not distributed.requested(cfg):
+        return
+    per_process = cfg.gradient_accumulation_steps // cfg.num_processes
+    plan.add("training", f"{cfg.num_processes} processes under accelerate launch "
+                         f"({cfg.accelerate_config or 'ddp'}), each accumulating {per_process} micro-batch"
+                         f"{'es' if per_process != 1 else ''} of {cfg.per_device_train_batch_size}: the global batch stays "
+                         f"{cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps}")
+    plan.problems.extend(distributed.problems(cfg))
 
 
 def smoke_lines(cfg: Recipe, notes: list[str] | None) -> list[str]:

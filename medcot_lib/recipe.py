@@ -172,6 +172,9 @@ class Recipe(BaseModel):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: same as dtype
+    # How the packed 4-bit weights are stored. auto: uint8, or the compute dtype under FSDP, which shards tensors of one
+    # dtype only (the FSDP-QLoRA recipe); an explicit value must then equal the compute dtype.
+    bnb_4bit_quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     # adapter (PEFT LoraConfig, with TRL's lora_ prefix)
     lora_r: int = Field(16, gt=0)
     lora_alpha: float = Field(32, gt=0)
@@ -190,7 +193,13 @@ class Recipe(BaseModel):
     max_steps: int = -1  # -1: train for num_train_epochs
     per_device_train_batch_size: int = Field(8, gt=0)
     per_device_eval_batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)  # at one process; split across num_processes (see below)
+    # Distributed training (stage 03 only; accelerate launch's names). The global batch, per_device_train_batch_size x
+    # gradient_accumulation_steps, stays the recipe's whatever the process count: each of N processes accumulates
+    # gradient_accumulation_steps / N micro-batches, so 1, 2 or 8 processes train the same curve (and a checkpoint
+    # resumes under another count). num_processes counts all processes on all machines; 1 trains in the notebook's kernel.
+    num_processes: int = Field(1, gt=0)
+    accelerate_config: str | None = None  # ddp | fsdp | zero3 (params/accelerate/NAME.yaml) or an accelerate config file
     lr_scheduler_type: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     warmup_steps: float = Field(0.05, ge=0)  # below 1: a ratio of total steps; from 1: a step count
     weight_decay: float = Field(0.0, ge=0)
@@ -272,6 +281,17 @@ class Recipe(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _global_batch_splits(self) -> Recipe:
+        if self.gradient_accumulation_steps % self.num_processes:
+            raise ValueError(
+                f"gradient_accumulation_steps {self.gradient_accumulation_steps} does not split across num_processes "
+                f"{self.num_processes}: the global batch (per_device_train_batch_size x gradient_accumulation_steps = "
+                f"{self.per_device_train_batch_size * self.gradient_accumulation_steps}) is kept whatever the process "
+                f"count, so gradient_accumulation_steps must be a multiple of num_processes (a larger global batch "
+                f"is a change of recipe: raise gradient_accumulation_steps)")
+        return self
+
+    @model_validator(mode="after")
     def _splits_fit(self) -> Recipe:
         ratios = [v for v in (self.val_size, self.test_size) if v < 1]
         if sum(ratios) >= 1:
@@ -296,6 +316,8 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
 
 # Keys that upstream renamed: a recipe using the old name gets the new one in its error message.
 RENAMED_KEYS = {"gradient_checkpointing": "activation_checkpointing"}
+# How stage 03 is launched, not what the run computes (the global batch is kept): outside the run's identity.
+LAUNCH_KEYS = ("num_processes", "accelerate_config")
 
 
 def validate(values: dict[str, Any], origin: str = "recipe") -> Recipe:

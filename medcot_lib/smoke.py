@@ -90,6 +90,8 @@ def smoke(cfg: Recipe) -> tuple[Recipe, list[str]]:
                                "gradient_accumulation_steps": min(cfg.gradient_accumulation_steps, SMOKE_ACCUMULATION),
                                "max_new_tokens": min(cfg.max_new_tokens, SMOKE_NEW_TOKENS),
                                "trust_remote_code": False}
+    if changes["gradient_accumulation_steps"] % cfg.num_processes:  # each process must accumulate a whole share
+        changes["gradient_accumulation_steps"] = cfg.num_processes
     for key in ("val_size", "test_size"):
         if getattr(cfg, key) >= 1:
             changes[key] = min(getattr(cfg, key), SMOKE_SPLIT_COUNT)

@@ -24,6 +24,7 @@ import torch
 
 from . import prompts
 from .data import Record
+from .distributed import world_size
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
 
@@ -201,7 +202,10 @@ class LabelledLossTrainer:
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not fits_labelled_loss(model):
+        # Under DDP or FSDP only the wrapper's own forward synchronises gradients across processes, so a wrapped model
+        # keeps the trainer's loss (the same value: labelled_loss equals the model's loss, tested).
+        wrapped = self.accelerator.unwrap_model(model) is not model
+        if return_outputs or wrapped or not fits_labelled_loss(model):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         result = labelled_loss(model, inputs, num_items_in_batch)
         loss = result.loss
@@ -360,7 +364,8 @@ def sft_config(cfg, output_dir: str, has_eval: bool):
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # The recipe's global batch, whatever the process count (recipe.py): N processes accumulate 1/N as many.
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps // world_size(),
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
@@ -471,7 +476,6 @@ def run(trainer, cfg, run_dir: str | Path) -> dict:
     import time
 
     from .errors import MedcotError
-    from .fileio import atomic_dir
     from .models import resolve
 
     checkpoint = latest_checkpoint(trainer.args.output_dir, resolve(cfg.model_name_or_path))
@@ -482,10 +486,7 @@ def run(trainer, cfg, run_dir: str | Path) -> dict:
         raise MedcotError("out of memory: lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
                           "effective batch), turn on activation_checkpointing, lower max_length, or set load_in_4bit") from exc
     seconds = time.monotonic() - started
-    with atomic_dir(Path(run_dir) / "adapter") as tmp:
-        trainer.model.save_pretrained(tmp)
-        trainer.processing_class.save_pretrained(tmp)
-        trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+    save_adapter(trainer, Path(run_dir) / "adapter")
     rows = trainer.train_dataset
     tokens_per_sample = sum(len(ids) for ids in rows["input_ids"]) / len(rows)
     start_step = _checkpoint_step(checkpoint)
@@ -502,7 +503,50 @@ def run(trainer, cfg, run_dir: str | Path) -> dict:
         "best_eval_loss": trainer.state.best_metric,
         # Tokens/s counts every real (non-pad) token the steps consumed, averaged over the training set.
         "tokens_per_s": round(samples * tokens_per_sample / seconds, 1),
-        "peak_memory_gb": peak_memory_gb(),
+        "peak_memory_gb": peak_memory_gb(),  # of this process (rank 0 when several train)
+        "processes": trainer.accelerator.num_processes,
+        "global_batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps,
         "parameters": trainable_parameters(trainer.model),
         "truncated_sequences": trainer.medcot_truncated,
     }
+
+
+def save_adapter(trainer, path: Path) -> None:
+    """adapter/ (weights, config, tokenizer, trainer state), written once, by the main process, and atomically.
+
+    Every process takes part in save_model, because FSDP and ZeRO-3 gather the sharded adapter for it; only the main
+    process writes. The staging name is an atomic write's (.NAME.tmp), so a killed run's is removed on resume.
+    """
+    import os
+    import shutil
+
+    accelerator, staging = trainer.accelerator, path.parent / f".{path.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if accelerator.is_main_process:
+        trainer.processing_class.save_pretrained(staging)
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        (staging / "training_args.bin").unlink(missing_ok=True)  # the arguments are in the manifest, readably
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(staging, path)
+    accelerator.wait_for_everyone()
+
+
+def train_in_process(cfg, run_dir: str | Path) -> tuple[dict, list[dict]]:
+    """(metrics, log history) of training in this process: the whole stage, or one rank of a launched run."""
+    from .data import load_prepared
+
+    model, tokenizer = load_for_training(cfg)
+    trainer = build_trainer(cfg, model, tokenizer, load_prepared(Path(run_dir)), str(Path(run_dir) / "checkpoints"))
+    return run(trainer, cfg, run_dir), trainer.state.log_history
+
+
+def train_stage(cfg, run_dir: str | Path) -> tuple[dict, list[dict]]:
+    """Stage 03: train here in the notebook's kernel, or on cfg.num_processes processes under accelerate launch."""
+    from . import distributed
+
+    if distributed.requested(cfg):
+        return distributed.launch(cfg, run_dir)
+    return train_in_process(cfg, run_dir)
