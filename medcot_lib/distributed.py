@@ -201,6 +201,10 @@ def launch(cfg, run_dir: str | Path, echo=print) -> tuple[dict, list[dict]]:
         code = process.wait()
     if code != 0:
         raise MedcotError(failure_message(code, tail, cfg.num_processes, log, time.monotonic() - started))
+    machine = int((read_config(path) if (path := config_file(cfg)) else {}).get("machine_rank", 0))
+    if machine != 0:  # another machine of a multi-node run: rank 0, on machine 0, wrote the adapter and the result
+        shutil.rmtree(exchange, ignore_errors=True)
+        return {"machine_rank": machine, "outputs": "on machine 0, with rank 0", "runtime_s": round(time.monotonic() - started, 1)}, []
     result = json.loads((exchange / RESULT_FILE).read_text())
     shutil.rmtree(exchange, ignore_errors=True)
     return result["metrics"], result["log_history"]
