@@ -59,13 +59,12 @@ def config_file(cfg) -> Path | None:
 def read_config(path: Path) -> dict:
     """An accelerate config file, with its engine checked."""
     from .fileio import read_utf8
+    from .recipe import _yaml_problem, _yaml_where
 
     try:
         config = yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark else ""
-        raise MedcotError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise MedcotError(f"{path}{_yaml_where(exc)}: not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(config, dict):
         raise MedcotError(f"{path}: expected an accelerate config (a mapping of its settings), got {type(config).__name__}")
     from accelerate.commands.config.config_args import ClusterConfig
@@ -78,6 +77,12 @@ def read_config(path: Path) -> dict:
     if kind not in ENGINES:
         raise MedcotError(f"{path}: distributed_type {kind!r} is not one medcot launches (expected one of {', '.join(ENGINES)})")
     return config
+
+
+def launch_config(cfg) -> tuple[Path | None, dict | None]:
+    """(path, settings) of the recipe's accelerate config file, read once; (None, None) without one."""
+    path = config_file(cfg)
+    return path, read_config(path) if path else None
 
 
 def engine(config: dict | None) -> str:
@@ -105,8 +110,7 @@ def problems(cfg) -> list[str]:
     import torch
 
     try:
-        path = config_file(cfg)
-        config = read_config(path) if path else None
+        path, config = launch_config(cfg)
     except MedcotError as exc:
         return [str(exc)]
     found = []
@@ -147,16 +151,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(cfg, run_dir: Path) -> list[str]:
+def launch_command(cfg, run_dir: Path, path: Path | None, config: dict | None) -> list[str]:
     """`accelerate launch` of the worker on the recipe's processes; a config file adds the engine and the machines."""
     import torch
 
-    path = config_file(cfg)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.num_processes),
                "--max_restarts", "0", "--monitor_interval", str(MONITOR_INTERVAL_S)]
     if path:
         command += ["--config_file", str(path)]
-        if "main_process_port" not in read_config(path):
+        if "main_process_port" not in config:
             command += ["--main_process_port", str(free_port())]
     else:
         # torchrun's launcher also for CPU processes: accelerate's own --cpu launcher needs MPI. Each worker then
@@ -185,8 +188,9 @@ def launch(cfg, run_dir: str | Path, echo=print) -> tuple[dict, list[dict]]:
     write_json(exchange / PARAMS_FILE, recipe.to_parameters(cfg))
     log = run_dir / LOG_FILE
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = launch_command(cfg, run_dir)
-    echo(f"launching {cfg.num_processes} processes ({engine(read_config(p) if (p := config_file(cfg)) else None)}): "
+    path, config = launch_config(cfg)
+    command = launch_command(cfg, run_dir, path, config)
+    echo(f"launching {cfg.num_processes} processes ({engine(config)}): "
          f"{' '.join(command[1:])}")
     started = time.monotonic()
     with open(log, "a", encoding="utf-8") as out:  # appended: a resumed run keeps each attempt's output
@@ -201,7 +205,7 @@ def launch(cfg, run_dir: str | Path, echo=print) -> tuple[dict, list[dict]]:
         code = process.wait()
     if code != 0:
         raise MedcotError(failure_message(code, tail, cfg.num_processes, log, time.monotonic() - started))
-    machine = int((read_config(path) if (path := config_file(cfg)) else {}).get("machine_rank", 0))
+    machine = int((config or {}).get("machine_rank", 0))
     if machine != 0:  # another machine of a multi-node run: rank 0, on machine 0, wrote the adapter and the result
         shutil.rmtree(exchange, ignore_errors=True)
         return {"machine_rank": machine, "outputs": "on machine 0, with rank 0", "runtime_s": round(time.monotonic() - started, 1)}, []

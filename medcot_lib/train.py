@@ -524,9 +524,8 @@ def save_adapter(trainer, path: Path) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
+    trainer.save_model(str(staging))  # adapter and tokenizer (the trainer saves its processing_class)
     if accelerator.is_main_process:
-        trainer.processing_class.save_pretrained(staging)
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
         (staging / "training_args.bin").unlink(missing_ok=True)  # the arguments are in the manifest, readably
         shutil.rmtree(path, ignore_errors=True)

@@ -1,11 +1,25 @@
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a runner and every process under it (kernels, training workers), as when a machine is lost."""
+    family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import kill_process_tree
 
 from medcot_lib import cli, distributed, models, pipeline, recipe
 from medcot_lib.errors import MedcotError
@@ -100,7 +101,7 @@ def test_a_4bit_base_stores_its_weights_in_the_compute_dtype_only_when_sharded(m
 
 
 def test_a_cpu_launch_is_torchrun_with_gloo_workers_and_a_thread_share_each():
-    command = distributed.launch_command(demo(num_processes=2, gradient_accumulation_steps=2), Path("/runs/x"))
+    command = distributed.launch_command(demo(num_processes=2, gradient_accumulation_steps=2), Path("/runs/x"), None, None)
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert command[-3:] == ["-m", distributed.WORKER, "/runs/x"] and "--max_restarts" in command
     if not torch.cuda.is_available():
@@ -144,17 +145,6 @@ def run_command(run_dir: Path, processes: int, **overrides) -> list[str]:
             "--stages", "03", "--num-processes", str(processes), *pairs]
 
 
-def kill_family(process: subprocess.Popen) -> None:
-    """SIGKILL the runner, its kernel and every training process, as when a machine is lost."""
-    family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
-    for pid in family:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
-
-
 def run_until(command: list[str], ready, timeout: float = 300) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
@@ -162,7 +152,7 @@ def run_until(command: list[str], ready, timeout: float = 300) -> subprocess.Pop
         if process.poll() is not None:
             raise AssertionError(f"the run ended before its kill point: {process.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
-            kill_family(process)
+            kill_process_tree(process)
             raise AssertionError("the kill point was never reached")
         time.sleep(0.05)
     return process
@@ -201,7 +191,7 @@ def test_two_processes_train_one_process_curve_and_resume_under_either_count(pre
     checkpoint = Path("checkpoints") / "checkpoint-2" / "trainer_state.json"
     for first, then in ((2, 1), (1, 2)):
         run_dir = copy_of(prepared, tmp_path, f"{first}-then-{then}")
-        kill_family(run_until(run_command(run_dir, first), lambda _, d=run_dir: (d / checkpoint).is_file()))
+        kill_process_tree(run_until(run_command(run_dir, first), lambda _, d=run_dir: (d / checkpoint).is_file()))
         assert not (run_dir / "adapter").exists()
         finish(run_command(run_dir, then))
         trained = json.loads((run_dir / "metrics" / "03_qlora_train.json").read_text())
@@ -250,7 +240,7 @@ def test_a_killed_rank_fails_the_run_fast_with_a_clear_message(prepared, tmp_pat
     try:
         _, stderr = runner.communicate(timeout=90)
     except subprocess.TimeoutExpired:
-        kill_family(runner)
+        kill_process_tree(runner)
         raise AssertionError("the run hung after a rank was killed") from None
     assert runner.returncode != 0 and time.monotonic() - killed < 60
     assert "stage 03 failed on 2 processes" in stderr and "rank 1 was killed by signal 9 (SIGKILL)" in stderr, stderr[-2000:]

@@ -6,15 +6,13 @@ A small but complete recipe (every stage, greedy decoding, fixed seed) keeps thi
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from conftest import kill_process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +47,7 @@ def run_until_killed(run_dir: Path, ready, timeout: float = 600) -> None:
             process.kill()
             raise AssertionError("the kill point was never reached")
         time.sleep(0.05)
-    family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
-    for pid in family:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
+    kill_process_tree(process)
 
 
 def finish(run_dir: Path) -> subprocess.CompletedProcess:
